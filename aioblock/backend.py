@@ -1,0 +1,511 @@
+"""BlockBackend: the user-facing handle on an opened node graph (QEMU's BlockBackend + block/io.c).
+
+Generic request work is done here once for every driver:
+
+* bounds checks (``OutOfRangeError``) and the closed check (``ClosedError``);
+* requests of any offset and length: where the root node needs alignment (O_DIRECT), unaligned reads read the
+  covering aligned range, and unaligned writes are read-modify-write; every request is then *tracked* by its
+  aligned range, and an RMW write is *serialising*: it waits for all earlier overlapping requests and every
+  later overlapping request waits for it, so that two RMWs of one sector never lose each other's bytes;
+* splitting at the node's ``max_transfer``;
+* in-flight accounting for ``drain`` and ``close``, and per-operation statistics.
+
+Concurrency: any number of tasks may call any request method at once. ``truncate`` and ``close`` drain first.
+Cancelling a caller cancels its request; an interrupted write may have written part of its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .driver import BlockDriver, CheckResult
+from .errors import ClosedError, NotSupportedError, OutOfRangeError, ReadOnlyError
+from .node import close_graph, resolve_backing_name
+
+__all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStatistics"]
+
+_ZERO_CHUNK = 1 << 20
+_OPS = ("read", "write", "write_zeroes", "discard", "flush")
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One run of ``qemu-img map``: where ``[start, start + length)`` comes from.
+
+    ``depth``: how many backing layers down the answer was found; ``present``: some layer allocates it;
+    ``zero``/``data``: reads as zeroes / holds data; ``offset`` and ``filename``: the host location, when known.
+    """
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+    filename: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
+                               "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+    def continues(self, prev: MapEntry) -> bool:
+        """Whether this entry extends ``prev`` seamlessly (qemu-img map merges such runs)."""
+        if (prev.start + prev.length != self.start or prev.depth != self.depth or prev.present != self.present
+                or prev.zero != self.zero or prev.data != self.data or prev.filename != self.filename
+                or (prev.offset is None) != (self.offset is None)):
+            return False
+        return self.offset is None or prev.offset is not None and prev.offset + prev.length == self.offset
+
+
+@dataclass(frozen=True, slots=True)
+class OpStatistics:
+    """Counters of one request type: completed ops, bytes, failures, and latency in nanoseconds."""
+
+    ops: int = 0
+    bytes: int = 0
+    errors: int = 0
+    total_ns: int = 0
+    max_ns: int = 0
+
+    @property
+    def mean_latency_ns(self) -> float:
+        return self.total_ns / self.ops if self.ops else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatistics:
+    """An immutable snapshot of a backend's counters (``BlockBackend.statistics()``)."""
+
+    read: OpStatistics
+    write: OpStatistics
+    write_zeroes: OpStatistics
+    discard: OpStatistics
+    flush: OpStatistics
+    in_flight: int
+    max_in_flight: int
+
+
+@dataclass(slots=True)
+class ImageInfo:
+    """What ``qemu-img info`` shows about one image of a chain (``to_json`` gives its JSON keys)."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int | None = None
+    cluster_size: int | None = None
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_format: str | None = None
+    dirty: bool = False
+    format_specific: dict[str, Any] = field(default_factory=dict)
+    backing: ImageInfo | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"virtual-size": self.virtual_size, "filename": self.filename}
+        if self.cluster_size is not None:
+            out["cluster-size"] = self.cluster_size
+        out["format"] = self.format
+        if self.actual_size is not None:
+            out["actual-size"] = self.actual_size
+        if self.format_specific:
+            out["format-specific"] = {"type": self.format, "data": self.format_specific}
+        if self.backing_filename is not None:
+            if self.full_backing_filename is not None:
+                out["full-backing-filename"] = self.full_backing_filename
+            out["backing-filename"] = self.backing_filename
+            if self.backing_format is not None:
+                out["backing-filename-format"] = self.backing_format
+        out["dirty-flag"] = self.dirty
+        return out
+
+    def chain(self) -> list[ImageInfo]:
+        """This image and its backing images, top first."""
+        out, info = [], self
+        while info is not None:
+            out.append(info)
+            info = info.backing
+        return out
+
+
+class _Tracked:
+    """An in-flight request's aligned range (only kept when the root node needs alignment)."""
+
+    __slots__ = ("done", "end", "serialising", "start")
+
+    def __init__(self, start: int, end: int, serialising: bool) -> None:
+        self.start, self.end, self.serialising = start, end, serialising
+        self.done = asyncio.Event()
+
+
+class BlockBackend:
+    """A disk: the root node of a graph plus the generic request layer. Create with ``aioblock.open``.
+
+    State: ``_in_flight``/``_idle`` (drain), ``_tracked`` (RMW serialisation) and the statistics are touched
+    only from the event loop, between awaits: no lock is needed.
+    """
+
+    def __init__(self, root: BlockDriver, *, read_only: bool) -> None:
+        self.root = root
+        self.filename = root.filename
+        self.format = root.format_name
+        self.read_only = read_only
+        self._align = root.limits.request_alignment
+        self._max = max(root.limits.max_transfer // self._align * self._align, self._align)
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tracked: list[_Tracked] = []
+        self._closing = False
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self._stats: dict[str, list[int]] = {op: [0, 0, 0, 0, 0] for op in _OPS}
+
+    # ---- properties -----------------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self.root.size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> BackendStatistics:
+        ops = {op: OpStatistics(*values) for op, values in self._stats.items()}
+        return BackendStatistics(**ops, in_flight=self._in_flight, max_in_flight=self._max_in_flight)
+
+    # ---- request bookkeeping --------------------------------------------------------------------------------
+
+    def _begin(self, offset: int, length: int, *, write: bool) -> int:
+        if self._closing:
+            raise ClosedError("disk is closed", filename=self.filename)
+        if write and self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if offset < 0 or length < 0 or offset + length > self.root.size:
+            raise OutOfRangeError(f"request {offset}+{length} is outside the image (size {self.root.size})",
+                                  filename=self.filename)
+        self._in_flight += 1
+        if self._in_flight > self._max_in_flight:
+            self._max_in_flight = self._in_flight
+        self._idle.clear()
+        return time.perf_counter_ns()
+
+    def _end(self, op: str, nbytes: int, start_ns: int, failed: bool) -> None:
+        elapsed = time.perf_counter_ns() - start_ns
+        s = self._stats[op]
+        if failed:
+            s[2] += 1
+        else:
+            s[0] += 1
+            s[1] += nbytes
+        s[3] += elapsed
+        if elapsed > s[4]:
+            s[4] = elapsed
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    async def _track(self, start: int, end: int, serialising: bool) -> _Tracked:
+        """Register an aligned range; wait for the earlier overlapping requests it must not overtake."""
+        earlier = [t for t in self._tracked if t.start < end and start < t.end and (serialising or t.serialising)]
+        me = _Tracked(start, end, serialising)
+        self._tracked.append(me)
+        try:
+            for other in earlier:
+                await other.done.wait()
+        except BaseException:
+            self._untrack(me)
+            raise
+        return me
+
+    def _untrack(self, me: _Tracked) -> None:
+        self._tracked.remove(me)
+        me.done.set()
+
+    # ---- reads ----------------------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``."""
+        buf = bytearray(length)
+        await self.readinto(offset, buf)
+        return bytes(buf)
+
+    async def readinto(self, offset: int, buffer: Any) -> None:
+        """Fill ``buffer`` (any writable bytes-like object) with the bytes at ``offset``."""
+        buf = memoryview(buffer).cast("B")
+        length = len(buf)
+        t0 = self._begin(offset, length, write=False)
+        failed = True
+        try:
+            if length:
+                a = self._align
+                if a == 1:
+                    await self._split_read(offset, buf)
+                else:
+                    start, end = offset // a * a, -(-(offset + length) // a) * a
+                    me = await self._track(start, end, False)
+                    try:
+                        if start == offset and end == offset + length:
+                            await self._split_read(offset, buf)
+                        else:
+                            bounce = bytearray(end - start)
+                            await self._split_read(start, memoryview(bounce))
+                            buf[:] = memoryview(bounce)[offset - start:offset - start + length]
+                    finally:
+                        self._untrack(me)
+            failed = False
+        finally:
+            self._end("read", length, t0, failed)
+
+    async def _split_read(self, offset: int, buf: memoryview) -> None:
+        if len(buf) <= self._max:
+            await self.root.pread(offset, buf)
+            return
+        for pos in range(0, len(buf), self._max):
+            await self.root.pread(offset + pos, buf[pos:pos + self._max])
+
+    # ---- writes ---------------------------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: Any, *, fua: bool = False) -> None:
+        """Write ``data`` (any bytes-like object) at ``offset``; with ``fua`` it is durable on return."""
+        buf = memoryview(data).cast("B")
+        length = len(buf)
+        t0 = self._begin(offset, length, write=True)
+        failed = True
+        try:
+            if length:
+                a = self._align
+                if a == 1:
+                    await self._split_write(offset, buf, fua)
+                else:
+                    await self._aligned_write(offset, buf, fua)
+            failed = False
+        finally:
+            self._end("write", length, t0, failed)
+
+    async def _aligned_write(self, offset: int, buf: memoryview, fua: bool) -> None:
+        a, length = self._align, len(buf)
+        start, end = offset // a * a, -(-(offset + length) // a) * a
+        rmw = start != offset or end != offset + length
+        me = await self._track(start, end, rmw)
+        try:
+            if not rmw:
+                await self._split_write(offset, buf, fua)
+                return
+            bounce = bytearray(end - start)
+            view = memoryview(bounce)
+            await self.root.pread(start, view[:a])                   # head sector
+            if end - a > start:
+                await self.root.pread(end - a, view[-a:])            # tail sector
+            view[offset - start:offset - start + length] = buf
+            await self._split_write(start, view, fua)
+        finally:
+            self._untrack(me)
+
+    async def _split_write(self, offset: int, buf: memoryview, fua: bool) -> None:
+        if len(buf) <= self._max:
+            await self.root.pwrite(offset, buf, fua=fua)
+            return
+        for pos in range(0, len(buf), self._max):
+            await self.root.pwrite(offset + pos, buf[pos:pos + self._max], fua=fua)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False) -> None:
+        """Make the range read as zeroes; with ``may_unmap`` it may also be deallocated."""
+        t0 = self._begin(offset, length, write=True)
+        failed = True
+        try:
+            a = self._align
+            head_end = min(-(-offset // a) * a, offset + length)
+            tail_start = max((offset + length) // a * a, head_end)
+            if head_end > offset:                                     # unaligned head: RMW of zeroes
+                await self._aligned_write(offset, memoryview(bytes(head_end - offset)), fua)
+            if tail_start > head_end:
+                await self._zero_aligned(head_end, tail_start - head_end, may_unmap, fua)
+            if offset + length > tail_start and tail_start >= head_end:
+                await self._aligned_write(tail_start, memoryview(bytes(offset + length - tail_start)), fua)
+            failed = False
+        finally:
+            self._end("write_zeroes", length, t0, failed)
+
+    async def _zero_aligned(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
+        me = await self._track(offset, offset + length, False) if self._align > 1 else None
+        try:
+            try:
+                await self.root.pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+                return
+            except NotSupportedError:
+                pass
+            zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
+            for pos in range(0, length, _ZERO_CHUNK):
+                n = min(_ZERO_CHUNK, length - pos)
+                await self.root.pwrite(offset + pos, zeroes[:n], fua=fua)
+        finally:
+            if me is not None:
+                self._untrack(me)
+
+    async def write_compressed(self, offset: int, data: Any) -> None:
+        """Write whole clusters compressed (formats with compression only; NotSupportedError otherwise)."""
+        buf = memoryview(data).cast("B")
+        t0 = self._begin(offset, len(buf), write=True)
+        failed = True
+        try:
+            await self.root.pwrite_compressed(offset, buf)
+            failed = False
+        finally:
+            self._end("write", len(buf), t0, failed)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Tell the image the range is unused. Unaligned head and tail parts are ignored, as in QEMU."""
+        t0 = self._begin(offset, length, write=True)
+        failed = True
+        try:
+            a = self._align
+            start, end = -(-offset // a) * a, (offset + length) // a * a
+            if end > start:
+                await self.root.pdiscard(start, end - start)
+            failed = False
+        finally:
+            self._end("discard", length, t0, failed)
+
+    async def flush(self) -> None:
+        """Make every write completed so far durable (data and metadata)."""
+        t0 = self._begin(0, 0, write=False)
+        failed = True
+        try:
+            if not self.read_only:
+                await self.root.flush()
+            failed = False
+        finally:
+            self._end("flush", 0, t0, failed)
+
+    # ---- block status ---------------------------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> MapEntry:
+        """Where a prefix of ``[offset, offset + length)`` comes from, walking the backing chain the way
+        ``qemu-img map`` does. The entry starts at ``offset`` and is at most ``length`` long."""
+        if self._closing:
+            raise ClosedError("disk is closed", filename=self.filename)
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise OutOfRangeError(f"request {offset}+{length} is outside the image (size {self.size})",
+                                  filename=self.filename)
+        node, depth = self.root, 0
+        while True:
+            ext = await node.block_status(offset, length)
+            length = ext.length
+            if ext.data or ext.zero:
+                host = ext.host
+                return MapEntry(offset, length, depth, True, ext.zero, ext.data, ext.host_offset,
+                                host.filename if host is not None and ext.host_offset is not None else None)
+            if not node.supports_backing:
+                return MapEntry(offset, length, depth, ext.allocated, False, False)
+            backing = node.backing
+            if backing is None or offset >= backing.size:
+                return MapEntry(offset, length, depth, False, True, False)
+            length = min(length, backing.size - offset)
+            node, depth = backing, depth + 1
+
+    async def map(self, offset: int = 0, length: int | None = None) -> AsyncIterator[MapEntry]:
+        """Merged ``block_status`` runs covering the range (``qemu-img map``'s entries)."""
+        end = self.size if length is None else offset + length
+        if end == offset == 0:
+            yield MapEntry(0, 0, 0, False, False, False)
+            return
+        prev: MapEntry | None = None
+        pos = offset
+        while pos < end:
+            entry = await self.block_status(pos, end - pos)
+            pos += entry.length
+            if prev is not None and entry.continues(prev):
+                prev = MapEntry(prev.start, prev.length + entry.length, prev.depth, prev.present, prev.zero,
+                                prev.data, prev.offset, prev.filename)
+                continue
+            if prev is not None:
+                yield prev
+            prev = entry
+        if prev is not None:
+            yield prev
+
+    # ---- control --------------------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until no request is in flight."""
+        while self._in_flight:
+            await self._idle.wait()
+
+    async def truncate(self, size: int) -> None:
+        """Change the virtual size (grow, or shrink where the format allows)."""
+        if self._closing:
+            raise ClosedError("disk is closed", filename=self.filename)
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if size < 0:
+            raise OutOfRangeError(f"invalid size {size}", filename=self.filename)
+        await self.drain()
+        await self.root.truncate(size)
+
+    async def info(self) -> ImageInfo:
+        """qemu-img info's facts about this image and, in ``.backing``, its backing chain."""
+        return await _node_info(self.root)
+
+    async def check(self, repair: str | None = None) -> CheckResult:
+        """Check (and repair with ``repair="leaks"`` or ``"all"``) the image; NotSupportedError for formats
+        without a check (qemu-img exits 63 for those)."""
+        if repair not in (None, "leaks", "all"):
+            raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+        await self.drain()
+        result = await self.root.check(repair)
+        result.filename = result.filename or self.filename
+        result.format = result.format or self.format
+        return result
+
+    async def close(self) -> None:
+        """Drain, flush and close every node. Idempotent; closes even when the final flush fails."""
+        if self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        try:
+            await self.drain()
+        finally:
+            try:
+                await close_graph(self.root)
+            finally:
+                self._closed = True
+                self._closed_event.set()
+
+    async def __aenter__(self) -> BlockBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<BlockBackend {self.format} {self.filename!r} size={self.size}>"
+
+
+async def _node_info(node: BlockDriver) -> ImageInfo:
+    full = None
+    if node.backing_filename is not None:
+        try:
+            full = resolve_backing_name(node.filename, node.backing_filename)
+        except Exception:
+            full = None
+    info = ImageInfo(filename=node.filename, format=node.format_name, virtual_size=node.size,
+                     actual_size=await node.actual_size(), cluster_size=node.cluster_size,
+                     backing_filename=node.backing_filename, full_backing_filename=full,
+                     backing_format=node.backing_format, dirty=node.dirty, format_specific=node.info())
+    if node.backing is not None:
+        info.backing = await _node_info(node.backing)
+    return info
+

@@ -1,0 +1,1 @@
+"""Protocol nodes and I/O engines: the bottom of the node graph."""

@@ -1,0 +1,301 @@
+"""The ``file`` protocol node: a regular file or block device, read and written through an I/O engine.
+
+Semantics follow QEMU's file-posix driver where users can see them:
+
+* reads past the end of the file return zeroes (the file may be shorter than a format driver's view);
+* writes past the end grow the file;
+* ``cache="writeback"`` uses the page cache; ``cache="none"`` opens with O_DIRECT, probes the required
+  alignment (512 or 4096 bytes) and moves data through page-aligned bounce buffers;
+* ``pwrite_zeroes`` uses fallocate (PUNCH_HOLE when unmapping is allowed, else ZERO_RANGE); ``pdiscard`` punches
+  a hole; ``block_status`` answers from SEEK_DATA / SEEK_HOLE.
+
+``size`` is the file's length, kept in memory after open (the node is the only writer while it is open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as _errno
+import mmap
+import os
+import stat
+import sys
+from typing import ClassVar
+
+from ..driver import BlockDriver, Extent, Limits
+from ..errors import BlockIOError, ImageOpenError, InvalidOptionError, NotSupportedError, ReadOnlyError
+from .engine import (
+    ENGINES,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Engine,
+    SyncEngine,
+    ThreadsEngine,
+)
+from .uring import UringEngine, uring_available
+
+__all__ = ["CACHE_MODES", "FileNode", "make_engine"]
+
+CACHE_MODES = ("writeback", "none")
+_BOUNCE_CHUNK = 1 << 20          # O_DIRECT bounce buffers are at most this large; bigger requests loop
+
+
+def make_engine(name: str | None) -> Engine:
+    """Create an engine for the running loop. ``None`` picks the default: ``uring`` where io_uring works,
+    otherwise ``sync`` with a one-line notice on stderr (see README, "I/O engines")."""
+    if name is None:
+        if uring_available():
+            return UringEngine()
+        print("aioblock: io_uring is unavailable here; using the 'sync' engine", file=sys.stderr)
+        return SyncEngine()
+    if name == "uring":
+        if not uring_available():
+            raise InvalidOptionError("engine 'uring' is unavailable: io_uring is not supported here")
+        return UringEngine()
+    if name == "sync":
+        return SyncEngine()
+    if name == "threads":
+        return ThreadsEngine()
+    raise InvalidOptionError(f"unknown I/O engine '{name}' (choose from {', '.join(ENGINES)})")
+
+
+class FileNode(BlockDriver):
+    """Protocol node over one file descriptor. Owns its fd and its engine; both are released by ``close``."""
+
+    format_name: ClassVar[str] = "file"
+    is_format: ClassVar[bool] = False
+
+    def __init__(self, filename: str, fd: int, engine: Engine, *, read_only: bool, direct: bool,
+                 alignment: int, size: int, is_block_device: bool) -> None:
+        self.filename = filename
+        self.read_only = read_only
+        self.fd = fd
+        self.engine = engine
+        self.direct = direct
+        self.is_block_device = is_block_device
+        self.limits = Limits(request_alignment=alignment)
+        self._size = size
+        self._closed = False
+
+    @classmethod
+    async def open_file(cls, filename: str, *, read_only: bool = False, engine: str | None = None,
+                        cache: str = "writeback", create: bool = False) -> FileNode:
+        """Open (or with ``create``, create/truncate) ``filename``. ImageOpenError says why it failed."""
+        if cache not in CACHE_MODES:
+            raise InvalidOptionError(f"invalid cache mode '{cache}' (choose from {', '.join(CACHE_MODES)})")
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        flags |= os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        direct = cache == "none"
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            fd = os.open(filename, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == _errno.EINVAL and direct:
+                raise ImageOpenError(f"Could not open '{filename}': the filesystem does not support "
+                                     "O_DIRECT (cache=none)", filename=filename) from None
+            if exc.errno == _errno.EISDIR:
+                raise ImageOpenError(f"'file' driver requires '{filename}' to be a regular file",
+                                     filename=filename) from None
+            raise ImageOpenError(f"Could not open '{filename}': {exc.strerror}", filename=filename) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                size, is_blk = os.lseek(fd, 0, os.SEEK_END), True
+            elif stat.S_ISREG(st.st_mode):
+                size, is_blk = st.st_size, False
+            else:
+                raise ImageOpenError(f"'file' driver requires '{filename}' to be a regular file",
+                                     filename=filename)
+            alignment = _probe_direct_alignment(fd, size) if direct else 1
+            eng = make_engine(engine)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(filename, fd, eng, read_only=read_only, direct=direct, alignment=alignment, size=size,
+                   is_block_device=is_blk)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.engine.aclose()
+        finally:
+            os.close(self.fd)
+
+    async def actual_size(self) -> int | None:
+        return os.fstat(self.fd).st_blocks * 512
+
+    # ---- I/O path ---------------------------------------------------------------------------------------------
+
+    async def pread(self, offset: int, buf: memoryview) -> None:
+        if self.direct:
+            await self._bounce_read(offset, buf)
+            return
+        pos, end, engine, fd = 0, len(buf), self.engine, self.fd
+        while pos < end:
+            try:
+                n = await engine.pread(fd, buf[pos:] if pos else buf, offset + pos)
+            except OSError as exc:
+                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+            if n == 0:                                   # end of file: the rest reads as zeroes
+                buf[pos:] = bytes(end - pos)
+                return
+            pos += n
+
+    async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if self.direct:
+            await self._bounce_write(offset, buf)
+        else:
+            pos, end, engine, fd = 0, len(buf), self.engine, self.fd
+            while pos < end:
+                try:
+                    n = await engine.pwrite(fd, buf[pos:] if pos else buf, offset + pos)
+                except OSError as exc:
+                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+                if n == 0:
+                    raise BlockIOError(_errno.ENOSPC, filename=self.filename)
+                pos += n
+        if offset + len(buf) > self._size:
+            self._size = offset + len(buf)
+        if fua:
+            await self.flush()
+
+    async def _bounce_read(self, offset: int, buf: memoryview) -> None:
+        """O_DIRECT read through an aligned buffer; offset and length are aligned by the backend."""
+        size = min(len(buf), _BOUNCE_CHUNK)
+        view = _aligned_buffer(size)
+        pos = 0
+        while pos < len(buf):
+            n = min(size, len(buf) - pos)
+            try:
+                got = await self.engine.pread(self.fd, view[:n], offset + pos)
+            except OSError as exc:
+                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+            buf[pos:pos + got] = view[:got]
+            if got < n:                                      # end of file
+                buf[pos + got:] = bytes(len(buf) - pos - got)
+                return
+            pos += n
+
+    async def _bounce_write(self, offset: int, buf: memoryview) -> None:
+        size = min(len(buf), _BOUNCE_CHUNK)
+        view = _aligned_buffer(size)
+        pos = 0
+        while pos < len(buf):
+            n = min(size, len(buf) - pos)
+            view[:n] = buf[pos:pos + n]
+            try:
+                done = await self.engine.pwrite(self.fd, view[:n], offset + pos)
+            except OSError as exc:
+                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+            if done != n:
+                raise BlockIOError(_errno.EIO, "short O_DIRECT write", filename=self.filename)
+            pos += n
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                            fua: bool = False) -> None:
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if self.is_block_device:
+            raise NotSupportedError("write zeroes not supported on block devices")
+        end = offset + length
+        modes = [FALLOC_FL_ZERO_RANGE]
+        if may_unmap and end <= self._size:
+            modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                await self.engine.fallocate(self.fd, mode, offset, length)
+                break
+            except OSError as exc:
+                if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL):
+                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+        else:
+            raise NotSupportedError("write zeroes not supported by this filesystem")
+        if end > self._size:
+            self._size = end
+        if fua:
+            await self.flush()
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if self.is_block_device or offset >= self._size:
+            return
+        length = min(length, self._size - offset)
+        try:
+            await self.engine.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL):
+                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+
+    async def flush(self) -> None:
+        if self.read_only:
+            return
+        try:
+            await self.engine.fsync(self.fd)
+        except OSError as exc:
+            raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Data or hole, from SEEK_DATA/SEEK_HOLE. Holes read as zeroes; past EOF is a hole."""
+        end = offset + length
+        if self.is_block_device:
+            return Extent(offset, length, True, True, False, offset, self)
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == _errno.ENXIO:             # no data at or after offset
+                return Extent(offset, length, True, False, True, offset, self)
+            return Extent(offset, length, True, True, False, offset, self)   # cannot tell: data
+        if data > offset:
+            return Extent(offset, min(data, end) - offset, True, False, True, offset, self)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        return Extent(offset, min(max(hole, offset + 1), end) - offset, True, True, False, offset, self)
+
+    async def truncate(self, size: int) -> None:
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        if self.is_block_device:
+            raise NotSupportedError("cannot resize a block device")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, os.ftruncate, self.fd, size)
+        except OSError as exc:
+            raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+        self._size = size
+
+
+def _aligned_buffer(size: int) -> memoryview:
+    """A page-aligned buffer for O_DIRECT. Freed by GC: an engine may still hold a slice of it."""
+    return memoryview(mmap.mmap(-1, size))
+
+
+def _probe_direct_alignment(fd: int, size: int) -> int:
+    """The smallest O_DIRECT alignment (512 or 4096) a read accepts; 4096 when the file is too short."""
+    if size >= 4096:
+        with mmap.mmap(-1, 4096) as probe:
+            view = memoryview(probe)
+            try:
+                for align in (512, 4096):
+                    try:
+                        os.preadv(fd, [view[:align]], 0)
+                        return align
+                    except OSError as exc:
+                        if exc.errno != _errno.EINVAL:
+                            raise
+            finally:
+                view.release()
+    return 4096
