@@ -1,0 +1,1 @@
+"""Test tools that ship with the library: fault injection and crash-state reconstruction."""
