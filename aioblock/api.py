@@ -6,13 +6,14 @@ from collections.abc import Generator, Mapping
 from typing import Any
 
 from .backend import BlockBackend
+from .driver import BlockDriver
 from .drivers import driver_class
-from .errors import AioblockError, InvalidOptionError
+from .errors import AioblockError, InvalidOptionError, NotSupportedError
 from .io.file import FileNode
 from .node import close_graph, open_image, resolve_backing_name
 from .sizes import parse_size
 
-__all__ = ["OpenContext", "create", "open"]
+__all__ = ["OpenContext", "create", "open", "validate_create"]
 
 
 class OpenContext:
@@ -41,7 +42,7 @@ class OpenContext:
             await self._disk.close()
 
 
-def open(path: str, fmt: str | None = None, *, read_only: bool = False, engine: str | None = None,  # noqa: A001
+def open(path: str, fmt: str | None = None, *, read_only: bool = False, engine: str | None = None,
          cache: str = "writeback", options: Mapping[str, Any] | None = None) -> OpenContext:
     """Open a disk image.
 
@@ -57,14 +58,12 @@ def open(path: str, fmt: str | None = None, *, read_only: bool = False, engine: 
 
 async def create(path: str, fmt: str, size: int | str | None = None, *, backing: str | None = None,
                  backing_fmt: str | None = None, options: Mapping[str, str] | None = None) -> None:
-    """Create a new image (``qemu-img create``). ``size`` may be omitted when ``backing`` is given; it then
-    defaults to the backing image's size. Errors carry the path of the image being created."""
+    """Create a new image (``qemu-img create``). ``size`` is rounded up to whole 512-byte sectors; it may be
+    omitted when ``backing`` is given and then defaults to the backing image's size. Errors carry the path of
+    the image being created."""
     try:
-        cls = driver_class(fmt)
+        cls = validate_create(fmt, options, backing, size)
         opts = dict(options or {})
-        unknown = set(opts) - cls.create_options
-        if unknown:
-            raise InvalidOptionError(f"Invalid parameter '{sorted(unknown)[0]}' for format '{fmt}'")
         if size is None and "size" in opts:
             size = opts.pop("size")
         opts.pop("size", None)
@@ -74,7 +73,7 @@ async def create(path: str, fmt: str, size: int | str | None = None, *, backing:
             if backing is None:
                 raise InvalidOptionError("Image creation needs a size parameter")
             size = await _backing_size(path, backing, backing_fmt)
-        nbytes = parse_size(size)
+        nbytes = (parse_size(size) + 511) & ~511           # whole sectors, as qemu-img
         file = await FileNode.open_file(path, create=True, engine="sync")
         try:
             await cls.create(file, nbytes, backing=backing, backing_fmt=backing_fmt, options=opts)
@@ -82,6 +81,20 @@ async def create(path: str, fmt: str, size: int | str | None = None, *, backing:
             await close_graph(file)
     except AioblockError as exc:
         raise exc.with_filename(path) from None
+
+
+def validate_create(fmt: str, options: Mapping[str, str] | None, backing: str | None,
+                    size: int | str | None) -> type[BlockDriver]:
+    """Checks ``create`` makes before touching anything (qemu-img makes them before "Formatting ...")."""
+    cls = driver_class(fmt)
+    unknown = set(options or {}) - cls.create_options - {"size"}
+    if unknown:
+        raise InvalidOptionError(f"Invalid parameter '{sorted(unknown)[0]}'")
+    if backing is not None and not cls.supports_backing:
+        raise NotSupportedError(f"Backing file not supported for file format '{fmt}'")
+    if size is None and backing is None and "size" not in (options or {}):
+        raise InvalidOptionError("Image creation needs a size parameter")
+    return cls
 
 
 async def _probe_backing(path: str, backing: str) -> str:

@@ -62,7 +62,7 @@ class MapEntry:
                 or prev.zero != self.zero or prev.data != self.data or prev.filename != self.filename
                 or (prev.offset is None) != (self.offset is None)):
             return False
-        return self.offset is None or prev.offset is not None and prev.offset + prev.length == self.offset
+        return self.offset is None or (prev.offset is not None and prev.offset + prev.length == self.offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +129,8 @@ class ImageInfo:
 
     def chain(self) -> list[ImageInfo]:
         """This image and its backing images, top first."""
-        out, info = [], self
+        out: list[ImageInfo] = []
+        info: ImageInfo | None = self
         while info is not None:
             out.append(info)
             info = info.backing
@@ -237,6 +238,9 @@ class BlockBackend:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
+        if length < 0 or length > self.root.size:             # before allocating anything
+            raise OutOfRangeError(f"request {offset}+{length} is outside the image (size {self.root.size})",
+                                  filename=self.filename)
         buf = bytearray(length)
         await self.readinto(offset, buf)
         return bytes(buf)

@@ -17,6 +17,7 @@ read-only, as QEMU does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -129,7 +130,5 @@ async def close_graph(node: BlockDriver) -> None:
 
 
 async def _close_quietly(node: BlockDriver) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await close_graph(node)
-    except Exception:
-        pass

@@ -43,8 +43,6 @@ class RawDriver(BlockDriver):
     @classmethod
     async def create(cls, file: BlockDriver, size: int, *, backing: str | None, backing_fmt: str | None,
                      options: Mapping[str, str]) -> None:
-        if backing is not None:
-            raise NotSupportedError("Backing file not supported for file format 'raw'")
         prealloc = options.get("preallocation", "off")
         if prealloc not in _PREALLOC:
             raise InvalidOptionError(f"Invalid parameter '{prealloc}' for preallocation "

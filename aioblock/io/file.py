@@ -9,7 +9,8 @@ Semantics follow QEMU's file-posix driver where users can see them:
 * ``pwrite_zeroes`` uses fallocate (PUNCH_HOLE when unmapping is allowed, else ZERO_RANGE); ``pdiscard`` punches
   a hole; ``block_status`` answers from SEEK_DATA / SEEK_HOLE.
 
-``size`` is the file's length, kept in memory after open (the node is the only writer while it is open).
+``size`` is the file's length rounded up to a whole 512-byte sector, as QEMU reports it (the tail of a partial
+last sector reads as zeroes). The length is kept in memory after open: the node is the only writer while open.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class FileNode(BlockDriver):
 
     @property
     def size(self) -> int:
-        return self._size
+        return (self._size + 511) & ~511
 
     async def close(self) -> None:
         if self._closed:

@@ -13,6 +13,7 @@ ordered machines the CQ is only read after ``io_uring_enter`` or an eventfd wake
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno as _errno
 import mmap
@@ -56,10 +57,13 @@ class _CqOffsets(ctypes.Structure):
         ("user_addr", ctypes.c_uint64)]
 
 
+_PARAM_FIELDS: list[tuple[str, type[ctypes.c_uint32]]] = [
+    (n, ctypes.c_uint32)
+    for n in ("sq_entries", "cq_entries", "flags", "sq_thread_cpu", "sq_thread_idle", "features", "wq_fd")]
+
+
 class _Params(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint32) for n in
-                ("sq_entries", "cq_entries", "flags", "sq_thread_cpu", "sq_thread_idle", "features",
-                 "wq_fd")] + [("resv", ctypes.c_uint32 * 3), ("sq_off", _SqOffsets), ("cq_off", _CqOffsets)]
+    _fields_ = [*_PARAM_FIELDS, ("resv", ctypes.c_uint32 * 3), ("sq_off", _SqOffsets), ("cq_off", _CqOffsets)]
 
 
 class _PyBuffer(ctypes.Structure):
@@ -139,15 +143,15 @@ class Ring:
         cq32 = memoryview(self._cq_map).cast("I")
         self._sq32, self._cq32 = sq32, cq32
         self._sq_head_i, self._sq_tail_i = so.head // 4, so.tail // 4
-        self._sq_mask = sq32[so.ring_mask // 4]
+        self._sq_mask: int = sq32[so.ring_mask // 4]
         self._cq_head_i, self._cq_tail_i = co.head // 4, co.tail // 4
-        self._cq_mask = cq32[co.ring_mask // 4]
+        self._cq_mask: int = cq32[co.ring_mask // 4]
         self._cqes_off = co.cqes
         # identity mapping of the SQ index array: slot i always holds SQE i
         array_i = so.array // 4
         for i in range(params.sq_entries):
             sq32[array_i + i] = i
-        self._sq_tail = sq32[self._sq_tail_i]
+        self._sq_tail: int = sq32[self._sq_tail_i]
         self._to_submit = 0
         self.sqes = memoryview(self._sqe_map)
 
@@ -197,8 +201,8 @@ class Ring:
     def reap(self, handle: Callable[[int, int], None]) -> int:
         """Call ``handle(user_data, res)`` for every ready CQE, in order; returns how many."""
         cq32 = self._cq32
-        head = cq32[self._cq_head_i]
-        tail = cq32[self._cq_tail_i]
+        head: int = cq32[self._cq_head_i]
+        tail: int = cq32[self._cq_tail_i]
         count = (tail - head) & 0xFFFFFFFF
         if not count:
             return 0
@@ -346,10 +350,8 @@ class UringEngine(Engine):
         self._ring.reap(self._complete)
 
     def _on_eventfd(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self._efd, 8)
-        except BlockingIOError:
-            pass
         self._ring.reap(self._complete)
 
     def _complete(self, uid: int, res: int) -> None:

@@ -1,0 +1,131 @@
+"""``aioblock convert``: qemu-img convert.
+
+Copies the source's contents into a new image. Like qemu-img, ranges the source reports as zero are skipped,
+and within data ranges every ``-S``-aligned block (default 4 KiB) that is all zeroes is left unwritten, so the
+target stays sparse; ``-S 0`` writes everything. ``-m`` requests run concurrently (default 8).
+``-c`` writes compressed clusters (formats with compression only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from .. import api
+from ..backend import BlockBackend
+from ..errors import InvalidOptionError, NotSupportedError
+from ..sizes import parse_size
+from .common import parse_options
+
+CHUNK = 2 << 20
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert an image to another format (qemu-img convert)")
+    p.add_argument("-f", dest="fmt", help="source format (probed when omitted)")
+    p.add_argument("-O", dest="out_fmt", default="raw", help="output format (default raw)")
+    p.add_argument("-o", dest="options", action="append", help="output format options k=v[,k=v...]")
+    p.add_argument("-c", dest="compress", action="store_true", help="write compressed clusters")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-m", dest="parallel", type=int, default=8, help="concurrent requests (default 8)")
+    p.add_argument("-S", dest="sparse", default="4k", help="minimum zero run left unallocated (default 4k)")
+    p.add_argument("-W", dest="out_of_order", action="store_true", help="accepted; writes are always unordered")
+    p.add_argument("-t", dest="cache", default="writeback", help="target cache mode (writeback|none)")
+    p.add_argument("-T", dest="src_cache", default="writeback", help="source cache mode (writeback|none)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility; no effect")
+    p.add_argument("filename")
+    p.add_argument("target")
+    p.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.parallel <= 1024:
+        raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 1024")
+    sparse = parse_size(args.sparse)
+    options = parse_options(args.options)
+    async with api.open(args.filename, args.fmt, read_only=True, cache=args.src_cache) as src:
+        from ..drivers import driver_class
+        if args.compress and not driver_class(args.out_fmt).supports_compression:
+            raise NotSupportedError("Compression not supported for this file format")
+        try:
+            await api.create(args.target, args.out_fmt, src.size, options=options)
+        except Exception as exc:
+            if hasattr(exc, "with_filename"):
+                exc.with_filename(args.target)
+            raise
+        async with api.open(args.target, args.out_fmt, cache=args.cache) as dst:
+            await convert(src, dst, parallel=args.parallel, sparse=sparse, compress=args.compress,
+                          progress=args.progress and not args.quiet)
+            await dst.flush()
+    return 0
+
+
+async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sparse: int = 4096,
+                  compress: bool = False, progress: bool = False) -> None:
+    """Copy ``src`` into the freshly created (zero-reading) ``dst``."""
+    chunk = CHUNK
+    if compress:
+        cluster = dst.root.cluster_size or 65536
+        chunk = max(cluster, CHUNK // cluster * cluster)
+    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=parallel * 2)
+    bar = tqdm(total=src.size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stdout,
+               disable=not progress, leave=True, desc="converting")
+
+    async def worker() -> None:
+        while (job := await queue.get()) is not None:
+            offset, length = job
+            data = await src.read(offset, length)
+            if compress:
+                await _write_compressed(dst, offset, data)
+            else:
+                await _write_sparse(dst, offset, data, sparse)
+            bar.update(length)
+
+    async with asyncio.TaskGroup() as tg:
+        workers = [tg.create_task(worker()) for _ in range(parallel)]
+        pos = 0
+        while pos < src.size:
+            st = await src.block_status(pos, min(src.size - pos, chunk))
+            if st.zero and not st.data:
+                bar.update(st.length)
+            else:
+                await queue.put((pos, st.length))
+            pos += st.length
+        for _ in workers:
+            await queue.put(None)
+    bar.close()
+
+
+async def _write_sparse(dst: BlockBackend, offset: int, data: bytes, sparse: int) -> None:
+    """Write the non-zero ``sparse``-aligned blocks of ``data`` (all of it when ``sparse`` is 0)."""
+    if sparse <= 0:
+        await dst.write(offset, data)
+        return
+    view = memoryview(data)
+    end = offset + len(data)
+    run_start: int | None = None
+    pos = offset
+    while pos < end:
+        block_end = min((pos // sparse + 1) * sparse, end)
+        nonzero = view[pos - offset:block_end - offset].tobytes().strip(b"\0") != b""
+        if nonzero and run_start is None:
+            run_start = pos
+        elif not nonzero and run_start is not None:
+            await dst.write(run_start, view[run_start - offset:pos - offset])
+            run_start = None
+        pos = block_end
+    if run_start is not None:
+        await dst.write(run_start, view[run_start - offset:])
+
+
+async def _write_compressed(dst: BlockBackend, offset: int, data: bytes) -> None:
+    cluster = dst.root.cluster_size or len(data)
+    for pos in range(0, len(data), cluster):
+        piece = data[pos:pos + cluster]
+        if piece.strip(b"\0"):
+            await dst.write_compressed(offset + pos, piece)
