@@ -326,7 +326,7 @@ class UringEngine(Engine):
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()          # the slot was handed to us: pass it on
-            else:
+            elif waiter in self._waiters:     # _release_slot drops cancelled waiters itself
                 self._waiters.remove(waiter)
             raise
 

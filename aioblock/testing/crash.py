@@ -44,7 +44,11 @@ Oracles (reliability.md section 3.5), applied by :func:`check_state`:
   write to the same sector is), in every state that contains every file request issued before that flush
   returned (``CrashState.prefix``): all prefix states from that point, and power-loss states.
 * (d) **robust open**: aioblock opens the state read-only, and reads it whole, raising nothing but an
-  :class:`aioblock.errors.AioblockError`; after the rw open it must open and read without any error.
+  :class:`aioblock.errors.AioblockError`; the read-write open of (a) must succeed.
+
+States are built from the log as it is when the function is called. A format driver that flushes at close
+makes the whole log durable: to study a power loss in the middle of a workload, build the states from the log
+as it was then (``inj.log[:n]``, exact for sequential workloads), or crash the workload with a rule.
 """
 
 from __future__ import annotations
