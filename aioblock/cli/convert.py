@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import api
 from ..backend import BlockBackend
+from ..drivers import driver_class
 from ..errors import InvalidOptionError, NotSupportedError
 from ..sizes import parse_size
 from .common import parse_options
@@ -49,15 +50,9 @@ async def run(args: argparse.Namespace) -> int:
     sparse = parse_size(args.sparse)
     options = parse_options(args.options)
     async with api.open(args.filename, args.fmt, read_only=True, cache=args.src_cache) as src:
-        from ..drivers import driver_class
         if args.compress and not driver_class(args.out_fmt).supports_compression:
             raise NotSupportedError("Compression not supported for this file format")
-        try:
-            await api.create(args.target, args.out_fmt, src.size, options=options)
-        except Exception as exc:
-            if hasattr(exc, "with_filename"):
-                exc.with_filename(args.target)
-            raise
+        await api.create(args.target, args.out_fmt, src.size, options=options)
         async with api.open(args.target, args.out_fmt, cache=args.cache) as dst:
             await convert(src, dst, parallel=args.parallel, sparse=sparse, compress=args.compress,
                           progress=args.progress and not args.quiet)

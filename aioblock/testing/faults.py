@@ -26,13 +26,15 @@ Example::
 
 Requests and ops
 ----------------
-A request is one call of the filter node: ``read`` (pread), ``write`` (pwrite), ``write_zeroes``,
-``discard`` (pdiscard), ``flush``, ``truncate`` and ``block_status``. A rule's ``op`` is one of those names,
-one of the groups ``"modify"`` (write, write_zeroes, discard, truncate and flush: every request that changes
-the file or makes it durable, i.e. exactly what the recorder logs; the default) and ``"any"``, or a
-collection of names and groups. ``range=(start, end)`` restricts a rule to requests whose bytes ``[offset,
-offset + length)`` overlap ``[start, end)``; flush and truncate have no bytes and never match a range rule.
-``where`` is a predicate on the :class:`Request`.
+The filter sees what the format driver asks of its file (metadata and data I/O, after the backend has split
+and aligned the guest's requests), not the guest's requests themselves. A request is one call of the filter
+node: ``read`` (pread), ``write`` (pwrite), ``write_zeroes``, ``discard`` (pdiscard), ``flush``,
+``truncate`` and ``block_status``. A rule's ``op`` is one of those names, one of the groups ``"modify"``
+(write, write_zeroes, discard, truncate and flush: every request that changes the file or makes it durable,
+i.e. exactly what the recorder logs; the default) and ``"any"``, or a collection of names and groups.
+``range=(start, end)`` restricts a rule to requests whose bytes ``[offset, offset + length)`` overlap
+``[start, end)``; flush and truncate have no bytes and never match a range rule. ``where`` is a predicate on
+the :class:`Request`.
 
 Rule semantics (stated once, used by every rule kind)
 -----------------------------------------------------
@@ -253,6 +255,8 @@ class PauseHandle:
 
     ``held`` lists the requests held right now (one for a once rule; any number for a sticky one, which holds
     every matching request until the next :meth:`release`). Like blkdebug's ``wait_break`` / ``resume``.
+    A held request is in flight: closing or draining the disk waits for it, so release (or :meth:`remove`)
+    before closing.
     """
 
     def __init__(self, injector: FaultInjector, rule: Rule) -> None:
@@ -440,12 +444,12 @@ class FaultInjector:
 
     @property
     def record(self) -> bool:
+        """Whether requests are being recorded. Set True to record into a new Recorder (an active one is
+        kept), a Recorder to record into it, False to stop (the recorder is dropped)."""
         return self._recorder is not None
 
     @record.setter
     def record(self, value: bool | Recorder) -> None:
-        """True starts recording into a new Recorder (kept if one is active), a Recorder records into it,
-        False stops recording (the old recorder is dropped)."""
         if isinstance(value, Recorder):
             self._recorder = value
         elif value:
