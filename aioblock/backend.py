@@ -30,6 +30,7 @@ __all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStat
 
 _ZERO_CHUNK = 1 << 20
 _OPS = ("read", "write", "write_zeroes", "discard", "flush")
+_now_ns = time.perf_counter_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +197,15 @@ class BlockBackend:
         if offset < 0 or length < 0 or offset + length > self.root.size:
             raise OutOfRangeError(f"request {offset}+{length} is outside the image (size {self.root.size})",
                                   filename=self.filename)
-        self._in_flight += 1
-        if self._in_flight > self._max_in_flight:
-            self._max_in_flight = self._in_flight
-        self._idle.clear()
-        return time.perf_counter_ns()
+        n = self._in_flight = self._in_flight + 1
+        if n > self._max_in_flight:
+            self._max_in_flight = n
+        if n == 1:                                  # _idle is set exactly when nothing is in flight
+            self._idle.clear()
+        return _now_ns()
 
     def _end(self, op: str, nbytes: int, start_ns: int, failed: bool) -> None:
-        elapsed = time.perf_counter_ns() - start_ns
+        elapsed = _now_ns() - start_ns
         s = self._stats[op]
         if failed:
             s[2] += 1
@@ -213,8 +215,8 @@ class BlockBackend:
         s[3] += elapsed
         if elapsed > s[4]:
             s[4] = elapsed
-        self._in_flight -= 1
-        if not self._in_flight:
+        n = self._in_flight = self._in_flight - 1
+        if not n:
             self._idle.set()
 
     async def _track(self, start: int, end: int, serialising: bool) -> _Tracked:
@@ -255,7 +257,10 @@ class BlockBackend:
             if length:
                 a = self._align
                 if a == 1:
-                    await self._split_read(offset, buf)
+                    if length <= self._max:                   # the common case, one frame less
+                        await self.root.pread(offset, buf)
+                    else:
+                        await self._split_read(offset, buf)
                 else:
                     start, end = offset // a * a, -(-(offset + length) // a) * a
                     me = await self._track(start, end, False)
@@ -291,7 +296,10 @@ class BlockBackend:
             if length:
                 a = self._align
                 if a == 1:
-                    await self._split_write(offset, buf, fua)
+                    if length <= self._max:                   # the common case, one frame less
+                        await self.root.pwrite(offset, buf, fua=fua)
+                    else:
+                        await self._split_write(offset, buf, fua)
                 else:
                     await self._aligned_write(offset, buf, fua)
             failed = False
@@ -370,14 +378,19 @@ class BlockBackend:
             self._end("write", len(buf), t0, failed)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Tell the image the range is unused. Unaligned head and tail parts are ignored, as in QEMU."""
+        """Tell the image the range is unused. The whole range goes to the driver, which discards what its
+        granularity allows (raw punches exactly these bytes, as QEMU's file protocol does)."""
         t0 = self._begin(offset, length, write=True)
         failed = True
         try:
-            a = self._align
-            start, end = -(-offset // a) * a, (offset + length) // a * a
-            if end > start:
-                await self.root.pdiscard(start, end - start)
+            if length:
+                a = self._align
+                me = await self._track(offset // a * a, -(-(offset + length) // a) * a, False) if a > 1 else None
+                try:
+                    await self.root.pdiscard(offset, length)
+                finally:
+                    if me is not None:
+                        self._untrack(me)
             failed = False
         finally:
             self._end("discard", length, t0, failed)

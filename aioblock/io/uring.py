@@ -106,6 +106,10 @@ class PinnedBuffer:
             self._view = None
 
 
+_from_buffer = ctypes.c_char.from_buffer    # pins a writable buffer while the returned object lives
+_addressof = ctypes.addressof
+
+
 class Ring:
     """One io_uring instance: fill SQEs, submit, reap CQEs. Synchronous and loop-agnostic.
 
@@ -175,6 +179,19 @@ class Ring:
         if self.sqe_size == 128:
             self.sqes[pos + 64:pos + 128] = bytes(64)
         return pos
+
+    def prep_rw(self, opcode: int, fd: int, off: int, addr: int, length: int, op_flags: int,
+                user_data: int) -> None:
+        """``prep`` for the engine's hot path: positional arguments, SQE flags 0, one call."""
+        tail = self._sq_tail
+        if (tail - self._sq32[self._sq_head_i]) & 0xFFFFFFFF >= self.sq_entries:
+            self.submit()
+        self._sq_tail = (tail + 1) & 0xFFFFFFFF
+        self._to_submit += 1
+        pos = (tail & self._sq_mask) * self.sqe_size
+        _SQE.pack_into(self.sqes, pos, opcode, 0, 0, fd, off, addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
+        if self.sqe_size == 128:
+            self.sqes[pos + 64:pos + 128] = bytes(64)
 
     def submit(self, wait_nr: int = 0) -> int:
         """Publish queued SQEs and enter the kernel (waiting for ``wait_nr`` completions). Returns the count
@@ -276,7 +293,8 @@ class UringEngine(Engine):
             self._ring.close()
             raise
         self._loop.add_reader(self._efd, self._on_eventfd)
-        self._pending: dict[int, tuple[asyncio.Future[int], PinnedBuffer | None]] = {}
+        # uid -> (future, what keeps the request's buffer pinned: a PinnedBuffer, a ctypes object or None)
+        self._pending: dict[int, tuple[asyncio.Future[int], object]] = {}
         self._next_id = 1
         self._limit = self._ring.cq_entries     # in-flight cap: the CQ can never overflow
         self._used = 0                          # slots taken (pending + handed to a waking waiter)
@@ -291,6 +309,17 @@ class UringEngine(Engine):
         """Queue one SQE (``buf`` gives addr/len) and wait for its result; OSError for a negative one.
 
         ``buf`` is released when the kernel is done with it, even if the caller is cancelled."""
+        await self._acquire(buf)
+        if buf is not None:
+            addr, length = buf.address, buf.length
+        res = await self._start(opcode, fd, off, addr, length, op_flags, buf)
+        if res < 0:
+            raise OSError(-res, os.strerror(-res))
+        return res
+
+    async def _acquire(self, keep: object) -> None:
+        """Take an in-flight slot (waiting for one if needed); OSError(EBADF) once closed. On failure a
+        ``PinnedBuffer`` ``keep`` is released (other pins are released by dropping them)."""
         try:
             if self._closed:
                 raise OSError(_errno.EBADF, "I/O engine closed")
@@ -299,23 +328,23 @@ class UringEngine(Engine):
             else:
                 await self._wait_slot()
         except BaseException:
-            if buf is not None:
-                buf.release()
+            if isinstance(keep, PinnedBuffer):
+                keep.release()
             raise
+
+    def _start(self, opcode: int, fd: int, off: int, addr: int, length: int, op_flags: int,
+               keep: object) -> asyncio.Future[int]:
+        """Fill an SQE for a request that holds a slot; the future gets the CQE's result. ``keep`` stays
+        referenced (so its buffer stays pinned) until the kernel has completed the request."""
         uid = self._next_id
         self._next_id = (uid + 1) & 0xFFFFFFFFFFFFFFFF or 1
         fut: asyncio.Future[int] = self._loop.create_future()
-        self._pending[uid] = (fut, buf)
-        if buf is not None:
-            addr, length = buf.address, buf.length
-        self._ring.prep(opcode, fd, off=off, addr=addr, length=length, op_flags=op_flags, user_data=uid)
+        self._pending[uid] = (fut, keep)
+        self._ring.prep_rw(opcode, fd, off, addr, length, op_flags, uid)
         if not self._submit_scheduled:
             self._submit_scheduled = True
             self._loop.call_soon(self._submit)
-        res = await fut
-        if res < 0:
-            raise OSError(-res, os.strerror(-res))
-        return res
+        return fut
 
     async def _wait_slot(self) -> None:
         """Wait in FIFO order until a completing request hands its slot over (``_used`` stays counted)."""
@@ -358,10 +387,13 @@ class UringEngine(Engine):
         entry = self._pending.pop(uid, None)
         if entry is None:
             return
-        fut, buf = entry
-        if buf is not None:
-            buf.release()
-        self._release_slot()
+        fut, keep = entry
+        if keep.__class__ is PinnedBuffer:
+            keep.release()
+        if self._waiters:
+            self._release_slot()
+        else:
+            self._used -= 1
         if not fut.done():
             fut.set_result(res)
 
@@ -372,11 +404,39 @@ class UringEngine(Engine):
 
     # ---- Engine ---------------------------------------------------------------------------------------------
 
+    # pread/pwrite are the hot path (see benchmarks/README.md): a writable buffer is pinned by a ctypes object
+    # (one C call, ~0.2 us, against ~1.5 us for PinnedBuffer), and the common case (a free slot) does not go
+    # through _queue's extra coroutine frame. Read-only, empty or unusual buffers take the general path.
+
     async def pread(self, fd: int, buf: memoryview, offset: int) -> int:
-        return await self._queue(OP_READ, fd, off=offset, buf=PinnedBuffer(buf, writable=True))
+        try:
+            keep = _from_buffer(buf)
+            addr, length = _addressof(keep), buf.nbytes
+        except (TypeError, ValueError, AttributeError):
+            return await self._queue(OP_READ, fd, off=offset, buf=PinnedBuffer(buf, writable=True))
+        if self._used < self._limit and not self._waiters and not self._closed:
+            self._used += 1
+        else:
+            await self._acquire(keep)
+        res = await self._start(OP_READ, fd, offset, addr, length, 0, keep)
+        if res < 0:
+            raise OSError(-res, os.strerror(-res))
+        return res
 
     async def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
-        return await self._queue(OP_WRITE, fd, off=offset, buf=PinnedBuffer(buf, writable=False))
+        try:
+            keep = _from_buffer(buf)
+            addr, length = _addressof(keep), buf.nbytes
+        except (TypeError, ValueError, AttributeError):
+            return await self._queue(OP_WRITE, fd, off=offset, buf=PinnedBuffer(buf, writable=False))
+        if self._used < self._limit and not self._waiters and not self._closed:
+            self._used += 1
+        else:
+            await self._acquire(keep)
+        res = await self._start(OP_WRITE, fd, offset, addr, length, 0, keep)
+        if res < 0:
+            raise OSError(-res, os.strerror(-res))
+        return res
 
     async def fsync(self, fd: int) -> None:
         await self._queue(OP_FSYNC, fd, op_flags=IORING_FSYNC_DATASYNC)
