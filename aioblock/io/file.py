@@ -44,12 +44,13 @@ _BOUNCE_CHUNK = 1 << 20          # O_DIRECT bounce buffers are at most this larg
 
 def make_engine(name: str | None) -> Engine:
     """Create an engine for the running loop. ``None`` picks the default: ``uring`` where io_uring works,
-    otherwise ``sync`` with a one-line notice on stderr (see README, "I/O engines")."""
+    otherwise ``threads`` (which, like uring, never blocks the loop on a cold read) with a one-line notice on
+    stderr. Measurements behind the choice: benchmarks/README.md."""
     if name is None:
         if uring_available():
             return UringEngine()
-        print("aioblock: io_uring is unavailable here; using the 'sync' engine", file=sys.stderr)
-        return SyncEngine()
+        print("aioblock: io_uring is unavailable here; using the 'threads' engine", file=sys.stderr)
+        return ThreadsEngine()
     if name == "uring":
         if not uring_available():
             raise InvalidOptionError("engine 'uring' is unavailable: io_uring is not supported here")

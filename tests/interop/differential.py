@@ -32,7 +32,7 @@ _STATS = re.compile(r"^(?P<head>.+, \d+ ops; )(?:\d\d\.\d\d sec|\d+:\d\d:\d\d\.\
 # -C: "512,1,0:00:00.00,797530.149,1557.676"
 _CSV = re.compile(r"^(?P<head>\d+,\d+,)\d+:\d\d:\d\d\.\d\d,[0-9.]+,[0-9.]+$", re.M)
 # aioblock's one-line notice when io_uring is unavailable and the default engine falls back (not qemu-io's)
-_ENGINE_NOTICE = re.compile(r"^aioblock: io_uring is unavailable here; using the 'sync' engine\n", re.M)
+_ENGINE_NOTICE = re.compile(r"^aioblock: io_uring is unavailable here; using the '[a-z]+' engine\n", re.M)
 
 
 def normalise(text: str) -> str:

@@ -109,12 +109,12 @@ async def test_default_engine_falls_back_with_a_notice(monkeypatch: pytest.Monke
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(file_mod, "uring_available", lambda: False)
     engine = make_engine(None)
-    assert isinstance(engine, SyncEngine)
+    assert isinstance(engine, ThreadsEngine)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "io_uring is unavailable" in err
     with pytest.raises(InvalidOptionError, match="uring"):
         make_engine("uring")
-    assert isinstance(make_engine("threads"), ThreadsEngine)
+    assert isinstance(make_engine("sync"), SyncEngine)
     with pytest.raises(InvalidOptionError, match="unknown I/O engine"):
         make_engine("bogus")
 
