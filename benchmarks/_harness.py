@@ -91,3 +91,14 @@ def parse_bench_output(text: str, count: int) -> dict[str, Any]:
     if lat:
         out["latency_us"] = {k: float(v) for k, v in (item.split() for item in lat.group(1).split(", "))}
     return out
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only); False where not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _harness import make_hot_file
+from _harness import drop_caches, make_hot_file
 
 import aioblock
 from aioblock.cli.bench import BenchSettings, run_bench
@@ -58,14 +57,6 @@ async def _measure(path: str, engine: str, count: int) -> dict[str, Any]:
             "tick_late_ms": {"p50": pct(50), "p99": pct(99), "max": lat[-1] * 1000 if lat else 0.0}}
 
 
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
 
 
 def run(path: str, count: int, loop_name: str) -> list[dict[str, Any]]:
@@ -74,7 +65,7 @@ def run(path: str, count: int, loop_name: str) -> list[dict[str, Any]]:
         for engine in ("uring", "threads", "sync"):
             if state == "hot":
                 make_hot_file(path, 1 << 30)
-            elif not _drop_caches():
+            elif not drop_caches():
                 continue
             if loop_name == "uvloop":
                 import uvloop

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from _harness import machine_info, make_hot_file, parse_bench_output, run_cmd
+from _harness import drop_caches, machine_info, make_hot_file, parse_bench_output, run_cmd
 from profile_layers import profile
 
 HERE = Path(__file__).resolve().parent
@@ -79,14 +78,6 @@ def _count(cfg: dict[str, Any], wl: dict[str, int]) -> int:
     return wl["count"]
 
 
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_workload(name: str, wl: dict[str, int], path: str, depths: tuple[int, ...], repeat: int,
@@ -99,7 +90,7 @@ def run_workload(name: str, wl: dict[str, int], path: str, depths: tuple[int, ..
         for label, cfg in configs:
             count = _count(cfg, wl)
             if cold:
-                _drop_caches()
+                drop_caches()
             proc = run_cmd(_argv(cfg, wl, path, count, "writeback"))
             if proc.returncode != 0:
                 raise RuntimeError(f"{label}: exit {proc.returncode}: {proc.stderr.strip()}")
@@ -192,7 +183,7 @@ def main() -> int:
         print(f"workload {name}", flush=True)
         data["workloads"][name] = run_workload(name, WORKLOADS[name], args.file, DEPTHS, args.repeat, cold=False)
     if not args.no_cold:
-        if _drop_caches():
+        if drop_caches():
             print("workload 4k-scatter-cold", flush=True)
             data["workloads"]["4k-scatter-cold"] = run_workload("4k-scatter-cold", COLD, args.file, (32,),
                                                                 args.repeat, cold=True)

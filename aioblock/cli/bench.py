@@ -224,23 +224,27 @@ async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
     last_flush_point = -1
     side_flushes: list[asyncio.Task[None]] = []    # --no-drain flushes
 
-    async def plain_worker(buf: bytearray) -> None:
+    def take_offset() -> int:
+        """The next request's offset: offsets advance by STEP and wrap at the image size, as qemu-img's."""
         nonlocal issued, next_offset
+        off = next_offset
+        issued += 1
+        nxt = off + step
+        if nxt >= size:
+            nxt = nxt % size if size else 0
+        next_offset = nxt
+        return off
+
+    async def plain_worker(buf: bytearray) -> None:
         op = disk.write if s.write else disk.readinto
         view = memoryview(buf)
         while issued < count:
-            off = next_offset
-            issued += 1
-            nxt = off + step
-            if nxt >= size:
-                nxt = nxt % size if size else 0
-            next_offset = nxt
             t0 = clock()
-            await op(off, view)
+            await op(take_offset(), view)
             record(clock() - t0)
 
     async def flush_worker(buf: bytearray) -> None:
-        nonlocal issued, next_offset, gate, last_flush_point
+        nonlocal gate, last_flush_point
         op = disk.write if s.write else disk.readinto
         view = memoryview(buf)
         while True:
@@ -262,14 +266,8 @@ async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
                     side_flushes.append(loop.create_task(disk.flush()))
             if issued >= count:
                 return
-            off = next_offset
-            issued += 1
-            nxt = off + step
-            if nxt >= size:
-                nxt = nxt % size if size else 0
-            next_offset = nxt
             t0 = clock()
-            await op(off, view)
+            await op(take_offset(), view)
             record(clock() - t0)
 
     worker = flush_worker if interval else plain_worker
