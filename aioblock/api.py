@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Generator, Mapping
 from typing import Any
 
@@ -77,6 +79,10 @@ async def create(path: str, fmt: str, size: int | str | None = None, *, backing:
         file = await FileNode.open_file(path, create=True, engine="sync")
         try:
             await cls.create(file, nbytes, backing=backing, backing_fmt=backing_fmt, options=opts)
+        except BaseException:
+            with contextlib.suppress(OSError):      # a refused or failed create leaves no file (as qemu-img)
+                os.unlink(path)
+            raise
         finally:
             await close_graph(file)
     except AioblockError as exc:

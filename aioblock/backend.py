@@ -108,10 +108,12 @@ class ImageInfo:
     backing_format: str | None = None
     dirty: bool = False
     format_specific: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
     backing: ImageInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"virtual-size": self.virtual_size, "filename": self.filename}
+        out: dict[str, Any] = {"snapshots": self.snapshots} if self.snapshots else {}
+        out.update({"virtual-size": self.virtual_size, "filename": self.filename})
         if self.cluster_size is not None:
             out["cluster-size"] = self.cluster_size
         out["format"] = self.format
@@ -427,8 +429,10 @@ class BlockBackend:
             if not node.supports_backing:
                 return MapEntry(offset, length, depth, ext.allocated, False, False)
             backing = node.backing
-            if backing is None or offset >= backing.size:
-                return MapEntry(offset, length, depth, False, True, False)
+            if backing is None or offset >= backing.size:         # reads as zeroes; a host offset if known
+                host = ext.host
+                return MapEntry(offset, length, depth, False, True, False, ext.host_offset,
+                                host.filename if host is not None and ext.host_offset is not None else None)
             length = min(length, backing.size - offset)
             node, depth = backing, depth + 1
 
@@ -521,7 +525,8 @@ async def _node_info(node: BlockDriver) -> ImageInfo:
     info = ImageInfo(filename=node.filename, format=node.format_name, virtual_size=node.size,
                      actual_size=await node.actual_size(), cluster_size=node.cluster_size,
                      backing_filename=node.backing_filename, full_backing_filename=full,
-                     backing_format=node.backing_format, dirty=node.dirty, format_specific=node.info())
+                     backing_format=node.backing_format, dirty=node.dirty, format_specific=node.info(),
+                     snapshots=node.snapshot_info())
     if node.backing is not None:
         info.backing = await _node_info(node.backing)
     return info

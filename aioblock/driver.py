@@ -102,12 +102,15 @@ class CheckResult:
     allocated_clusters: int | None = None
     fragmented_clusters: int | None = None
     compressed_clusters: int | None = None
+    #: What the check reports on the way (qemu-img prints these on stderr).
     messages: list[str] = field(default_factory=list)
+    #: Set when the check could not complete (qemu-img: "Check failed: <reason>", exit 1, no report).
+    failed: str | None = None
 
     @property
     def exit_status(self) -> int:
         """qemu-img check's exit status: 1 check failed, 2 corruptions, 3 leaks only, 0 clean."""
-        if self.check_errors:
+        if self.check_errors or self.failed:
             return 1
         if self.corruptions:
             return 2
@@ -180,6 +183,12 @@ class BlockDriver(abc.ABC):
         """Write a new, empty image of ``size`` bytes into the (empty, writable) protocol node ``file``."""
         raise NotSupportedError(f"format '{cls.format_name}' does not support image creation")
 
+    @classmethod
+    async def open_for_check(cls, file: BlockDriver, *, read_only: bool, options: Mapping[str, Any]) -> Self:
+        """Open for ``check`` (QEMU's BDRV_O_CHECK): like ``open``, but a driver may accept damage that its check
+        reports or repairs, and must not repair anything at open. The default is ``open``."""
+        return await cls.open(file, read_only=read_only, options=options)
+
     async def close(self) -> None:
         """Flush what the driver caches and release its resources; children are closed by the graph.
 
@@ -201,6 +210,10 @@ class BlockDriver(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Format-specific information (qemu-img info's ``format-specific.data``); empty if none."""
         return {}
+
+    def snapshot_info(self) -> list[dict[str, Any]]:
+        """Internal snapshots, as qemu-img info's JSON ``snapshots`` entries (empty if the format has none)."""
+        return []
 
     @property
     def cluster_size(self) -> int | None:

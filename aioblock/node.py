@@ -8,6 +8,7 @@ driver):
   untrusted images (CVE-2024-4467 class).
 * ``inject``: an :class:`aioblock.testing.faults.FaultInjector`; puts a fault-injection node between the top
   format node and its file.
+* ``check``: open the top image for ``check`` (``BlockDriver.open_for_check``, QEMU's BDRV_O_CHECK).
 
 Backing files: a relative name is resolved against the directory of the image that names it; names with a
 protocol prefix (``json:``, ``nbd:``...) are refused, since aioblock opens local files only; the chain is at
@@ -64,12 +65,14 @@ async def open_image(filename: str, fmt: str | None = None, *, read_only: bool =
     if policy not in BACKING_POLICIES:
         raise InvalidOptionError(f"invalid backing policy '{policy}' (choose from {', '.join(BACKING_POLICIES)})")
     inject = opts.pop("inject", None)
+    for_check = bool(opts.pop("check", False))
     return await _open_node(filename, fmt, read_only=read_only, engine=engine, cache=cache, options=opts,
-                            policy=policy, inject=inject, chain=[])
+                            policy=policy, inject=inject, chain=[], for_check=for_check)
 
 
 async def _open_node(filename: str, fmt: str | None, *, read_only: bool, engine: str | None, cache: str,
-                     options: dict[str, Any], policy: str, inject: Any, chain: list[str]) -> BlockDriver:
+                     options: dict[str, Any], policy: str, inject: Any, chain: list[str],
+                     for_check: bool = False) -> BlockDriver:
     real = os.path.realpath(filename)
     if real in chain:
         raise BackingChainError(f"backing chain loop: '{filename}' is already in the chain", filename=filename)
@@ -91,7 +94,8 @@ async def _open_node(filename: str, fmt: str | None, *, read_only: bool, engine:
         unknown = set(options) - cls.open_options
         if unknown:
             raise InvalidOptionError(f"Invalid option(s) for format '{fmt}': {', '.join(sorted(unknown))}")
-        node = await cls.open(proto, read_only=read_only, options=options)
+        opener = cls.open_for_check if for_check else cls.open
+        node = await opener(proto, read_only=read_only, options=options)
         if node.backing_filename is not None and policy != "ignore":
             if policy == "deny":
                 raise BackingChainError(f"image names a backing file ('{node.backing_filename}'), which is "

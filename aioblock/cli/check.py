@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
 async def run(args: argparse.Namespace) -> int:
     try:
         async with api.open(args.filename, args.fmt, read_only=args.repair is None, engine="sync",
-                            options={"backing": "ignore"}) as disk:
+                            options={"backing": "ignore", "check": True}) as disk:
             result = await disk.check(args.repair)
     except NotSupportedError as exc:
         print(f"aioblock: {args.filename}: {exc}", file=sys.stderr)
@@ -36,16 +36,23 @@ async def run(args: argparse.Namespace) -> int:
     except AioblockError as exc:
         print(f"aioblock: {exc.filename or args.filename}: {exc}", file=sys.stderr)
         return 1
+    for message in result.messages:            # qemu-img prints these on stderr, whatever the output format
+        print(message, file=sys.stderr)
+    if result.failed:
+        print(f"aioblock: {args.filename}: Check failed: {result.failed}", file=sys.stderr)
+        return 1
     if args.output == "json":
         print(dump_json(result.to_json()))
     elif not args.quiet:
         print(human_check(result), end="")
+    if result.check_errors:
+        print(f"aioblock: {args.filename}: Check failed", file=sys.stderr)
     return result.exit_status
 
 
 def human_check(r: CheckResult) -> str:
-    """qemu-img check's human-readable report."""
-    out = list(r.messages)
+    """qemu-img check's human-readable report (stdout; the messages go to stderr)."""
+    out: list[str] = []
     if r.corruptions_fixed or r.leaks_fixed:
         out.append(f"The following inconsistencies were found and repaired:\n\n    {r.leaks_fixed} leaked clusters\n"
                    f"    {r.corruptions_fixed} corruptions\n\nDouble checking the fixed image now...")

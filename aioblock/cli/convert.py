@@ -64,8 +64,8 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
                   compress: bool = False, progress: bool = False) -> None:
     """Copy ``src`` into the freshly created (zero-reading) ``dst``."""
     chunk = CHUNK
+    cluster = dst.root.cluster_size or 65536
     if compress:
-        cluster = dst.root.cluster_size or 65536
         chunk = max(cluster, CHUNK // cluster * cluster)
     queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=parallel * 2)
     bar = tqdm(total=src.size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stdout,
@@ -81,18 +81,31 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
                 await _write_sparse(dst, offset, data, sparse)
             bar.update(length)
 
-    async with asyncio.TaskGroup() as tg:
-        workers = [tg.create_task(worker()) for _ in range(parallel)]
+    unit = cluster if compress else 1      # compressed writes take whole clusters: keep jobs aligned to them
+
+    async def produce() -> None:
         pos = 0
         while pos < src.size:
             st = await src.block_status(pos, min(src.size - pos, chunk))
-            if st.zero and not st.data:
-                bar.update(st.length)
+            if st.zero and not st.data and st.length >= unit:
+                n = st.length // unit * unit
+                bar.update(n)
             else:
-                await queue.put((pos, st.length))
-            pos += st.length
-        for _ in workers:
-            await queue.put(None)
+                n = min(src.size - pos, -(-st.length // unit) * unit)
+                await queue.put((pos, n))
+            pos += n
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            workers = [tg.create_task(worker()) for _ in range(parallel)]
+            await produce()
+            for _ in workers:
+                await queue.put(None)
+    except BaseExceptionGroup as group:        # report the first failure as itself (one line in the CLI)
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
     bar.close()
 
 

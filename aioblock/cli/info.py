@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from .. import api
@@ -47,6 +48,10 @@ def human_info(info: ImageInfo) -> str:
         lines.append(line)
         if info.backing_format is not None:
             lines.append(f"backing file format: {info.backing_format}")
+    if info.snapshots:
+        lines.append("Snapshot list:")
+        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
+        lines += [_snapshot_line(sn) for sn in info.snapshots]
     if info.dirty:
         lines.append("cleanly shut down: no")
     if info.format_specific:
@@ -55,3 +60,13 @@ def human_info(info: ImageInfo) -> str:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             lines.append(f"    {key.replace('-', ' ')}: {text}")
     return "\n".join(lines) + "\n"
+
+
+def _snapshot_line(sn: dict[str, Any]) -> str:
+    """One row of qemu-img info's snapshot table (date in local time, VM clock as h:mm:ss.ms)."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+    secs = sn["vm-clock-sec"]
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{sn['vm-clock-nsec'] // 1_000_000:03d}"
+    icount = sn.get("icount")
+    return (f"{sn['id']:<9} {sn['name']:<17} {format_size(sn['vm-state-size']):>7} {date} {clock} "
+            f"{'' if icount is None else icount:>10}")

@@ -806,17 +806,19 @@ async def _info(session: Session, name: str, args: list[str]) -> bool:
 
 
 async def _map(session: Session, name: str, args: list[str]) -> bool:
-    """Runs allocated in some layer of the chain (``present``) vs not, with guest offsets (not host ones)."""
+    """Runs allocated in the top image itself vs not (as qemu-io: backing layers do not count), with guest
+    offsets (not host ones)."""
     runs: list[tuple[int, int, bool]] = []
     try:
         async for entry in session.open_disk.map():
             if not entry.length:
                 continue
-            if runs and runs[-1][2] == entry.present and runs[-1][0] + runs[-1][1] == entry.start:
-                start, length, present = runs[-1]
+            present = entry.present and entry.depth == 0
+            if runs and runs[-1][2] == present and runs[-1][0] + runs[-1][1] == entry.start:
+                start, length, _ = runs[-1]
                 runs[-1] = (start, length + entry.length, present)
             else:
-                runs.append((entry.start, entry.length, entry.present))
+                runs.append((entry.start, entry.length, present))
     except _IO_ERRORS as exc:
         raise session.fail(f"Failed to get allocation status: {strerror(exc)}", stderr=True) from None
     session.out(*(f"{cvtstr(length)} (0x{length:x}) bytes {'    allocated' if present else 'not allocated'} "

@@ -12,6 +12,7 @@ __all__ = ["FORMATS", "driver_class", "probe_format"]
 #: format name -> "module:Class"; imported on first use so that opening a raw image loads nothing else.
 FORMATS: dict[str, str] = {
     "raw": "aioblock.drivers.raw:RawDriver",
+    "qcow2": "aioblock.drivers.qcow2:Qcow2Driver",
 }
 
 #: Bytes of the image given to every driver's ``probe``.

@@ -1,0 +1,301 @@
+"""Refcounts: the refcount table, refcount blocks (through a slice cache) and the cluster allocator.
+
+Ordering (reliability.md §3.3):
+
+* I1 refcount before reference: callers that link a new cluster into L1/L2 set the L2 cache's dependency on
+  the refcount cache (or write the refcount blocks and sync themselves, for L1 and reftable entries).
+* I4 unreference before decrement: ``update`` with a negative delta makes the refcount cache depend on the L2
+  cache, so a dropped reference reaches the disk before the decrement. A cluster whose refcount drops to zero
+  is not handed out again until the next full metadata flush (``pending_free``): until then an old L2 entry on
+  disk may still point at it, and reusing it could expose one guest offset's data at another after a crash.
+* I5 self-describing refcount blocks: a new block is placed inside the range it covers and describes itself;
+  it is written and synced before the reftable entry that points at it (written with a sync).
+* Reftable growth writes new blocks and the new table, syncs, then switches the header's offset and size in
+  one synced write, and only then frees the old table.
+
+The allocator never trusts refcounts alone: a cluster the metadata map knows as metadata, or one that an
+in-place data write is still writing to (``busy_hosts``: it may have been discarded meanwhile), is never
+handed out.
+
+Lock rule: every method runs under the driver's metadata lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from typing import TYPE_CHECKING
+
+from ...cache import SliceCache
+from ...errors import BlockIOError, ImageTooLargeError
+from .layout import MAX_CLUSTER_OFFSET, MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, get_refcount, set_refcount
+from .metaio import REFBLOCK, REFTABLE
+
+if TYPE_CHECKING:
+    from .driver import Qcow2Driver
+
+__all__ = ["Refcounts", "load_table", "pack_table"]
+
+
+def load_table(raw: bytes | bytearray) -> array[int]:
+    """A big-endian table of u64 entries as a native ``array('Q')`` (8 bytes an entry)."""
+    table = array("Q")
+    table.frombytes(bytes(raw[:len(raw) // 8 * 8]))
+    if struct.pack("=H", 1) != struct.pack(">H", 1):
+        table.byteswap()
+    return table
+
+
+def pack_table(table: array[int], start: int = 0, end: int | None = None) -> bytes:
+    """Entries ``[start, end)`` of a native table as big-endian bytes."""
+    part = table[start:end]
+    if struct.pack("=H", 1) != struct.pack(">H", 1):
+        part.byteswap()
+    return part.tobytes()
+
+
+class Refcounts:
+    """Reference counts of host clusters and allocation of new ones."""
+
+    def __init__(self, drv: Qcow2Driver, reftable: array[int], cache: SliceCache) -> None:
+        h = drv.header
+        self.d = drv
+        self.cache = cache
+        self.reftable = reftable
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.order = h.refcount_order
+        self.max_refcount = (1 << (1 << self.order)) - 1
+        self.rb_bits = h.cluster_bits + 3 - self.order          # log2(refcounts per block)
+        self.rb_mask = (1 << self.rb_bits) - 1
+        #: first cluster that may be free (hint)
+        self.free_hint = 0
+        #: clusters freed since the last full metadata flush: not reusable yet
+        self.pending_free: set[int] = set()
+        #: one past the highest cluster in use or handed out (new areas such as a grown reftable go here)
+        self.end_cluster = -(-drv.file.size // self.cluster_size)
+        #: where the next compressed cluster may be packed (0: start a new cluster)
+        self.free_byte_offset = 0
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def refblock_offset(self, ri: int) -> int:
+        """The refcount block of reftable index ``ri`` (0: none), validated."""
+        if ri >= len(self.reftable):
+            return 0
+        entry = self.reftable[ri]
+        off = entry & REFT_OFFSET_MASK
+        if off & (self.cluster_size - 1):
+            raise self.d.corruption(f"Refblock offset {off:#x} unaligned (reftable index: {ri:#x})")
+        if off and off >= self.d.file.size:
+            raise self.d.corruption(f"Refblock at {off:#x} lies beyond the end of the file (reftable index: "
+                                    f"{ri:#x})")
+        return off
+
+    async def get(self, cluster: int) -> int:
+        rb = self.refblock_offset(cluster >> self.rb_bits)
+        if not rb:
+            return 0
+        s = await self.cache.get(rb)
+        try:
+            return get_refcount(s.data, cluster & self.rb_mask, self.order)
+        finally:
+            self.cache.put(s)
+
+    # ---- updating ------------------------------------------------------------------------------------------
+
+    async def update(self, offset: int, length: int, delta: int, *, busy: range | None = None) -> None:
+        """Add ``delta`` to the refcount of every cluster touching ``[offset, offset+length)``.
+
+        ``busy``: clusters being allocated by the caller (a new refcount block must not land on them)."""
+        if length <= 0:
+            return
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        if delta < 0:
+            await self.cache.set_dependency(self.d.l2cache)
+        busy = busy if busy is not None else range(first, last + 1)
+        c = first
+        while c <= last:
+            ri = c >> self.rb_bits
+            rb = self.refblock_offset(ri)
+            if not rb:
+                if delta < 0:
+                    raise self.d.corruption(f"Refcount decrease of cluster {c:#x} without a refcount block")
+                rb = await self._refblock_for(ri, busy)
+            s = await self.cache.get(rb)
+            try:
+                stop = min(last + 1, (ri + 1) << self.rb_bits)
+                for cc in range(c, stop):
+                    idx = cc & self.rb_mask
+                    old = get_refcount(s.data, idx, self.order)
+                    new = old + delta
+                    if new < 0 or new > self.max_refcount:
+                        raise BlockIOError(errno.EINVAL, f"refcount of cluster {cc:#x} would become {new} "
+                                           f"(width {1 << self.order} bits)")
+                    set_refcount(s.data, idx, self.order, new)
+                    if new == 0:
+                        self.pending_free.add(cc)
+                        if self.free_byte_offset >> self.cluster_bits == cc:
+                            self.free_byte_offset = 0          # never pack into a cluster that may be reused
+                self.cache.mark_dirty(s)
+            finally:
+                self.cache.put(s)
+            c = stop
+
+    async def alloc(self, n: int) -> int:
+        """Allocate ``n`` contiguous free clusters (refcount 1 each); returns the host offset of the first."""
+        start = await self.find_free(n)
+        await self.update(start << self.cluster_bits, n << self.cluster_bits, 1, busy=range(start, start + n))
+        self.end_cluster = max(self.end_cluster, start + n)
+        return start << self.cluster_bits
+
+    async def find_free(self, n: int) -> int:
+        """First run of ``n`` free clusters at or after the hint (no refcount, not metadata, not pending)."""
+        c = max(self.free_hint, 1)
+        start, run, first_free = c, 0, -1
+        while run < n:
+            if await self._is_free(c):
+                if run == 0:
+                    start = c
+                if first_free < 0:
+                    first_free = c
+                run += 1
+            else:
+                run = 0
+            c += 1
+        if (start + n) << self.cluster_bits > MAX_CLUSTER_OFFSET:
+            raise BlockIOError(errno.EFBIG, "Image is too big: no host offset left")
+        self.free_hint = start + n if first_free == start else first_free
+        return start
+
+    async def _is_free(self, c: int) -> bool:
+        if (c in self.pending_free or c in self.d.busy_hosts
+                or self.d.metamap.kind_at(c << self.cluster_bits) is not None):
+            return False
+        return await self.get(c) == 0
+
+    async def alloc_bytes(self, size: int) -> int:
+        """Space for ``size`` bytes of compressed data, packed after the previous compressed cluster when it
+        fits in the same host cluster and that cluster's refcount (one per compressed cluster in it) can grow."""
+        cs = self.cluster_size
+        off = self.free_byte_offset
+        if off and off % cs and off % cs + size <= cs and 0 < await self.get(off >> self.cluster_bits) < \
+                self.max_refcount:
+            await self.update(off, 1, 1)
+            self.free_byte_offset = off + size
+            return off
+        n = -(-size // cs)
+        start = await self.alloc(n)
+        self.free_byte_offset = start + size
+        return start
+
+    def forget_pending(self) -> None:
+        """After a full metadata flush: clusters freed before it are reusable."""
+        if self.pending_free:
+            self.free_hint = min(self.free_hint, min(self.pending_free))
+            self.pending_free.clear()
+
+    # ---- new refcount blocks and reftable growth -----------------------------------------------------------
+
+    async def _refblock_for(self, ri: int, busy: range) -> int:
+        if ri >= len(self.reftable):
+            await self._grow_reftable(ri, busy)
+            rb = self.refblock_offset(ri)
+            if rb:
+                return rb
+        return await self._new_refblock(ri, busy)
+
+    async def _new_refblock(self, ri: int, busy: range) -> int:
+        """A self-describing refcount block for reftable index ``ri``, hooked into the reftable."""
+        d = self.d
+        cs = self.cluster_size
+        base = ri << self.rb_bits
+        c = max(base, 1)
+        while c in busy or c in self.pending_free or d.metamap.kind_at(c * cs) is not None:
+            c += 1
+        if c >= base + (1 << self.rb_bits):
+            raise BlockIOError(errno.ENOSPC, "no room for a refcount block in the range it covers")
+        block = bytearray(cs)
+        set_refcount(block, c - base, self.order, 1)
+        d.event("refblock_alloc")
+        await d.metaio.write(c * cs, block, REFBLOCK)
+        await d.metaio.sync()
+        self.reftable[ri] = c * cs
+        try:
+            d.event("refblock_alloc_hookup")
+            await self.write_reftable_entries(ri, ri + 1)
+        except BaseException:
+            self.reftable[ri] = 0
+            raise
+        d.metamap.add(c * cs, cs, REFBLOCK)
+        self.end_cluster = max(self.end_cluster, c + 1)
+        return c * cs
+
+    async def write_reftable_entries(self, first: int, end: int) -> None:
+        """Write reftable entries ``[first, end)`` (widened to the file's alignment) and sync."""
+        d = self.d
+        align = max(d.metaio.align, 8) // 8
+        lo = first - first % align
+        hi = min(-(-end // align) * align, len(self.reftable))
+        await d.metaio.write(d.header.refcount_table_offset + lo * 8, pack_table(self.reftable, lo, hi), REFTABLE)
+        await d.metaio.sync()
+
+    async def _grow_reftable(self, ri_needed: int, busy: range) -> None:
+        """Move the refcount table to a bigger one at the end of the image (reliability.md §3.3 I5)."""
+        d = self.d
+        cs = self.cluster_size
+        per_cluster = cs // 8
+        old = self.reftable
+        entries = max(ri_needed + 1, len(old) + len(old) // 2)
+        area = max(self.end_cluster, busy.stop, -(-d.file.size // cs))
+        while True:
+            entries = -(-entries // per_cluster) * per_cluster
+            if entries * 8 > MAX_REFTABLE_BYTES:
+                raise ImageTooLargeError("Reference count table too large: the image cannot grow further")
+            t = entries // per_cluster
+            k = 0
+            while True:                       # refcount blocks needed to describe the new area itself
+                lo, hi = area >> self.rb_bits, (area + t + k - 1) >> self.rb_bits
+                need = [ri for ri in range(lo, hi + 1) if not (ri < len(old) and old[ri])]
+                if len(need) == k:
+                    break
+                k = len(need)
+            if hi < entries:
+                break
+            entries = hi + 1
+        table = array("Q", old)
+        table.extend([0] * (entries - len(old)))
+        blocks: dict[int, bytearray] = {}
+        for i, ri in enumerate(need):
+            table[ri] = (area + t + i) * cs
+            blocks[ri] = bytearray(cs)
+        covered: list[int] = []
+        for c in range(area, area + t + k):
+            ri = c >> self.rb_bits
+            if ri in blocks:
+                set_refcount(blocks[ri], c & self.rb_mask, self.order, 1)
+            else:
+                covered.append(c)
+        d.event("refblock_alloc_write_blocks")
+        for i, ri in enumerate(need):
+            await d.metaio.write((area + t + i) * cs, blocks[ri], REFBLOCK)
+        for c in covered:                      # area clusters under existing blocks: through the cache
+            await self.update(c * cs, cs, 1, busy=range(area, area + t + k))
+        await self.cache.flush()
+        await d.metaio.sync()
+        d.event("refblock_alloc_write_table")
+        await d.metaio.write(area * cs, pack_table(table), REFTABLE)
+        await d.metaio.sync()
+        d.event("refblock_alloc_switch_table")
+        old_off, old_clusters = d.header.refcount_table_offset, d.header.refcount_table_clusters
+        await d.write_header_bytes(48, struct.pack(">QI", area * cs, t))
+        d.header.refcount_table_offset, d.header.refcount_table_clusters = area * cs, t
+        self.reftable = table
+        d.metamap.remove(old_off, old_clusters * cs)
+        d.metamap.add(area * cs, t * cs, REFTABLE)
+        for i in range(k):
+            d.metamap.add((area + t + i) * cs, cs, REFBLOCK)
+        self.end_cluster = max(self.end_cluster, area + t + k)
+        await self.update(old_off, old_clusters * cs, -1)
