@@ -698,6 +698,7 @@ def test_image_seeds_are_sane(work_dir: Path) -> None:
         assert len(seed.regions) >= 5
 
 
+@pytest.mark.slow
 @needs_qemu
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.lists(_image_mutation(), min_size=1, max_size=6))
@@ -712,6 +713,7 @@ def test_image_read_only_total(work_dir: Path, data: st.DataObject, mutations: l
     assert path.read_bytes() == image, "a read-only open changed the file"
 
 
+@pytest.mark.slow
 @needs_qemu
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.lists(_image_mutation(), min_size=1, max_size=6))

@@ -25,7 +25,7 @@ from aioblock.drivers.qcow2.create import (
     parse_create_options,
     plan_image,
 )
-from aioblock.errors import InvalidOptionError
+from aioblock.errors import ImageTooLargeError, InvalidOptionError
 from aioblock.io.file import FileNode
 
 from ..conftest import QEMU_IMG, needs_qemu, qemu_img, run
@@ -266,6 +266,8 @@ REFUSALS: list[tuple[dict[str, str], int, str | None, str | None, str]] = [
     ({"cluster_size": "1.5k"}, M, None, None, "Cluster size must be a power of two between 512 and 2048k"),
     ({"cluster_size": "abc"}, M, None, None, SIZE_HINT),
     ({"cluster_size": "64kB"}, M, None, None, SIZE_HINT),
+    ({"cluster_size": "64k "}, M, None, None, SIZE_HINT),
+    ({"cluster_size": "16384E"}, M, None, None, "Value '16384E' is out of range for parameter 'cluster_size'"),
     ({"refcount_bits": "3"}, M, None, None, "Refcount width must be a power of two and may not exceed 64 bits"),
     ({"refcount_bits": "128"}, M, None, None, "Refcount width must be a power of two and may not exceed 64 bits"),
     ({"refcount_bits": "0"}, M, None, None, "Refcount width must be a power of two and may not exceed 64 bits"),
@@ -367,7 +369,8 @@ def test_refcount_bits_numbers(text: str, bits: int) -> None:
 
 
 @pytest.mark.parametrize(("text", "size"), [("64k", 65536), ("64K", 65536), ("0.5k", 512), ("2M", 2 * M),
-                                            ("65536", 65536), ("512b", 512)])
+                                            ("65536", 65536), ("512b", 512), ("0x10000", 65536),
+                                            (" 64k", 65536)])
 def test_cluster_size_strings(text: str, size: int) -> None:
     assert 1 << parse_create_options(M, None, None, {"cluster_size": text}).cluster_bits == size
 
@@ -376,6 +379,13 @@ def test_cluster_size_strings(text: str, size: int) -> None:
                                              ("off", False), ("no", False), ("false", False), ("n", False)])
 def test_bool_spellings(text: str, value: bool) -> None:
     assert parse_create_options(M, None, None, {"lazy_refcounts": text}).lazy_refcounts is value
+
+
+async def test_preallocation_beyond_the_refcount_table_limit(tmp_path: Path) -> None:
+    path = tmp_path / "x.qcow2"
+    with pytest.raises(ImageTooLargeError, match="refcount table larger than 8 MiB"):
+        await ours(path, 64 * G, {"cluster_size": "512", "refcount_bits": "64", "preallocation": "metadata"})
+    assert path.stat().st_size == 0
 
 
 def test_unknown_option() -> None:

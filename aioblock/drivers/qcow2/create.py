@@ -12,18 +12,21 @@ Layout (observed on qemu-img 7.2; the module reproduces it cluster for cluster, 
 * the L1 table from cluster 3, ``size_to_l1`` entries. The file ends at ``l1_offset + 8 * l1_size``: the table is
   not padded to a whole cluster. A zero-sized image has no L1 table (offset 0) and is three clusters long.
 * When allocating the L1 table (or preallocated metadata) needs more refcount blocks, or a bigger refcount
-  table, they are placed where QEMU's allocator puts them: a missing refcount block goes to the first free
-  cluster after what is being allocated, and a refcount table that is too small is replaced by a new one,
-  1.5 times the needed size, placed with its own new refcount blocks at the start of the first refcount-block
-  range past everything allocated so far; the old table's clusters are freed (and its bytes stay in the file).
-  ``_Allocator`` models this, including QEMU's restart of an allocation after each new refcount block.
+  table, they go where QEMU's allocator puts them. Allocation is first fit from a free-cluster index that only
+  moves forward (except when clusters are freed); a missing refcount block is allocated at the first free
+  cluster after what is being allocated, and the allocation then starts over from its first cluster (so the
+  data may end up on either side of the new block). A refcount table that is too small is replaced by one of
+  1.5 times the needed size (rounded up to whole clusters), placed with the new refcount blocks that describe
+  it at the start of the first refcount-block range past everything allocated; the old table's clusters are
+  freed and their bytes stay in the file. ``_Allocator`` models exactly this.
 * ``preallocation=metadata``: for each L2 table in guest order, the L2 table (one cluster) then its data
-  clusters (one contiguous run); data clusters are not written (they stay holes), the file is extended to the
-  end of the last data cluster (with extended L2: to the end of the last subcluster inside the image).
+  clusters, contiguous, allocated in requests of at most INT_MAX bytes (matters from 128 KiB clusters on).
+  Data clusters are not written (they stay holes) except for the part of the last (sub)cluster past the end
+  of the image, which is written with zeroes; the file ends at the end of that (sub)cluster.
 * ``preallocation=falloc|full``: a refcount area (new refcount blocks + a new, exactly sized refcount table)
-  at the end of the file covers everything that follows; then all data clusters, contiguous; then the L2
-  tables, the first one in the freed cluster of the old refcount table, the others after the data. The data
-  area is fallocated (falloc) or written with zeroes (full).
+  right after the last cluster in use covers everything that follows; then all data clusters, contiguous;
+  then the L2 tables, the first one in the freed cluster of the old refcount table, the others after the
+  data. The data area is fallocated (falloc) or written with zeroes (full).
 
 Every L2 entry of a preallocated cluster has the COPIED flag (extended L2: empty subcluster bitmaps), every L1
 entry too. All metadata clusters have refcount 1.
@@ -39,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ...driver import BlockDriver
-from ...errors import InvalidOptionError, NotSupportedError
+from ...errors import ImageTooLargeError, InvalidOptionError, NotSupportedError
 from ...sizes import parse_size
 from .layout import (
     COMPAT_LAZY_REFCOUNTS,
@@ -53,6 +56,7 @@ from .layout import (
     MAX_BACKING_NAME,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
     MIN_CLUSTER_BITS,
     OFLAG_COPIED,
     SUBCLUSTERS,
@@ -64,7 +68,8 @@ from .layout import (
     size_to_l1,
 )
 
-__all__ = ["CREATE_OPTIONS", "CreateOptions", "ImagePlan", "create_image", "parse_create_options", "plan_image"]
+__all__ = ["BACKING_FORMATS", "CREATE_OPTIONS", "CreateOptions", "ImagePlan", "create_image", "parse_create_options",
+           "plan_image"]
 
 #: The ``-o`` options ``create_image`` understands (``backing_file``/``backing_fmt`` may also come as arguments).
 CREATE_OPTIONS = frozenset({"compat", "cluster_size", "refcount_bits", "lazy_refcounts", "compression_type",
@@ -87,9 +92,10 @@ _MAX_BACKING_FMT = 15                      # the header extension must be shorte
 
 #: QEMU's generic limit on a node's length (INT64_MAX aligned down to 1 GiB).
 _MAX_LENGTH = (1 << 63) - (1 << 30)
-#: Only clusters larger than this carry the feature-name table (it would not leave room for a backing name).
+#: Only clusters larger than this carry the feature-name table (observed: 4 KiB clusters have none).
 _FEATURE_TABLE_MIN_CLUSTER = 4096 + 1
 
+_HEX = re.compile(r"[ \t\n\v\f\r]*0[xX][0-9a-fA-F]+\Z")
 _NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
 
 
@@ -116,7 +122,12 @@ class CreateOptions:
 
 
 def _parse_cluster_size(text: str) -> int:
+    """A QemuOpts size: decimal (fractions allowed) with an optional k/M/G/T/P/E suffix, or hexadecimal."""
     try:
+        if _HEX.match(text):
+            return int(text, 16)
+        if text != text.rstrip():
+            raise InvalidOptionError(text)
         return parse_size(text)
     except InvalidOptionError as exc:
         if "too large" in exc.message:
@@ -506,6 +517,13 @@ def plan_image(opts: CreateOptions) -> ImagePlan:
     data_clusters = _ceil_div(opts.size, cs)
     plan = ImagePlan(_header(opts), b"", alloc, l1_start, l1_entries)
     tables = _ceil_div(data_clusters, l2_entries)
+    if opts.preallocation != "off":
+        needed = _refblocks_needed(alloc.used.end + data_clusters + tables, alloc.per_block,
+                                   alloc.per_table_cluster, True)
+        if needed + _ceil_div(needed, 2) > MAX_REFTABLE_BYTES // 8:
+            raise ImageTooLargeError(f"Preallocating {opts.size} bytes would need a refcount table larger than "
+                                     f"{MAX_REFTABLE_BYTES >> 20} MiB (try a larger cluster size or narrower "
+                                     "refcounts)")
     if opts.preallocation == "metadata":
         # QEMU preallocates at most INT_MAX bytes (whole clusters) per request, and never past an L2 table
         chunk = ((1 << 31) - 1) // cs

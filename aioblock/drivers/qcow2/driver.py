@@ -176,20 +176,17 @@ class Qcow2Driver(BlockDriver):
             raw = await self.metaio.read(h.snapshots_offset, n)
             self.snapshots, used = L.parse_snapshots(bytes(raw), h.nb_snapshots, cs, file.size)
             self.metamap.add(h.snapshots_offset, used, SNAPSHOTS)
-            for sn in self.snapshots:
-                self.metamap.add(sn.l1_table_offset, sn.l1_size * 8, SNAPSHOT_L1)
+            for off, n in {(sn.l1_table_offset, sn.l1_size) for sn in self.snapshots}:    # shared tables once
+                self.metamap.add(off, n * 8, SNAPSHOT_L1)
         mm = self.metamap
         mm.add(0, cs, HEADER)
         mm.add(h.l1_table_offset, h.l1_size * 8, L1)
         mm.add(h.refcount_table_offset, h.refcount_table_clusters * cs, REFTABLE)
-        for e in reftable:
-            off = e & L.REFT_OFFSET_MASK
-            if off and not off & (cs - 1) and off < file.size:
-                mm.add(off, cs, REFBLOCK)
-        for e in self.l1:
-            off = e & L.L1E_OFFSET_MASK
-            if off and not off & (cs - 1):
-                mm.add(off, cs, L2)
+        cb, size = self.cluster_bits, file.size
+        mm.add_many({off >> cb: REFBLOCK for e in reftable
+                     if (off := e & L.REFT_OFFSET_MASK) and not off & (cs - 1) and off < size})
+        mm.add_many({off >> cb: L2 for e in self.l1
+                     if (off := e & L.L1E_OFFSET_MASK) and not off & (cs - 1) and off < size})
 
         opts = dict(options)
         slice_size = _size_opt(opts, "l2-cache-entry-size", min(DEFAULT_SLICE, cs))
@@ -283,9 +280,12 @@ class Qcow2Driver(BlockDriver):
         return self.corruption(str(exc))
 
     async def _after_error(self) -> None:
-        """Write the corrupt bit if a request just found corruption (best effort)."""
+        """Write the corrupt bit if a request just found corruption (best effort; v2 has no such bit, and
+        its bytes 72.. hold header extensions)."""
         if self._corrupt_pending:
             self._corrupt_pending = False
+            if self.header.version < 3:
+                return
             self.header.incompatible_features |= L.INCOMPAT_CORRUPT
             try:
                 await self.metaio.write(72, _Q.pack(self.header.incompatible_features), HEADER)
@@ -353,7 +353,7 @@ class Qcow2Driver(BlockDriver):
         e = self.l1[l1i]
         off = e & L.L1E_OFFSET_MASK
         if off & (self.cs - 1):
-            raise self.corruption(f"L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})")
+            raise self.corruption(f"L2 table offset {off:#x} unaligned (L1 index: {_hx(l1i)})")
         return off
 
     def _slice_offset(self, l2off: int, guest: int) -> int:
@@ -405,14 +405,14 @@ class Qcow2Driver(BlockDriver):
             host = entry & L.L2E_OFFSET_MASK
             if entry & OFLAG_ZERO:
                 if self.header.version < 3:
-                    raise self.corruption(f"Zero cluster entry found in pre-v3 image (L2 index: {idx:#x})")
+                    raise self.corruption(f"Zero cluster entry found in pre-v3 image ({self._where(guest)})")
                 if host & (cs - 1):
-                    raise self.corruption(f"Preallocated zero cluster offset {host:#x} unaligned (L2 index: "
-                                          f"{idx:#x})")
+                    raise self.corruption(f"Preallocated zero cluster offset {host:#x} unaligned (guest offset: "
+                                          f"{_hx(guest & ~(cs - 1))})")
                 return ZERO, host + within if host else 0, cs - within
             if host:
                 if host & (cs - 1):
-                    raise self.corruption(f"Cluster allocation offset {host:#x} unaligned (L2 index: {idx:#x})")
+                    raise self.corruption(f"Cluster allocation offset {host:#x} unaligned ({self._where(guest)})")
                 return NORMAL, host + within, cs - within
             return UNALLOC, 0, cs - within
         entry, bitmap = _QQ.unpack_from(data, idx * 16)
@@ -422,16 +422,21 @@ class Qcow2Driver(BlockDriver):
         rest = self.sc_size - (within & (self.sc_size - 1))
         alloc = bitmap >> sc & 1
         if alloc and bitmap >> (L.SC_ZERO_SHIFT + sc) & 1:
-            raise self.corruption(f"Invalid subcluster bitmap {bitmap:#x} (L2 index: {idx:#x})")
+            raise self.corruption(f"Invalid subcluster bitmap {bitmap:#x} ({self._where(guest)})")
         host = entry & L.L2E_OFFSET_MASK
         if host & (cs - 1) or (alloc and not host):
-            raise self.corruption(f"Cluster allocation offset {host:#x} invalid (L2 index: {idx:#x})")
+            raise self.corruption(f"Cluster allocation offset {host:#x} invalid ({self._where(guest)})")
         at = host + within if host else 0
         if alloc:
             return NORMAL, at, rest
         if bitmap >> (L.SC_ZERO_SHIFT + sc) & 1:
             return ZERO, at, rest
         return UNALLOC, at, rest
+
+    def _where(self, guest: int) -> str:
+        """"L2 offset: 0x..., L2 index: N" for the L2 entry of ``guest``, as QEMU words it."""
+        l2off = self.l1[guest >> self.l1_shift] & L.L1E_OFFSET_MASK
+        return f"L2 offset: {_hx(l2off)}, L2 index: {_hx((guest >> self.cluster_bits) & self._l2_index_mask)}"
 
     async def _lookup(self, guest: int, length: int) -> tuple[int, int, int]:
         """(kind, host, bytes) for a prefix of the range; the lock only when the slice must be loaded."""
@@ -1253,3 +1258,8 @@ def _size_opt(opts: Mapping[str, Any], name: str, default: int) -> int:
         return parse_size(value) if isinstance(value, str) else int(value)
     except (ValueError, InvalidOptionError):
         raise InvalidOptionError(f"Parameter '{name}' expects a size") from None
+
+
+def _hx(value: int) -> str:
+    """C's ``%#x``: 0 prints as "0", other values with the 0x prefix (QEMU's messages)."""
+    return f"{value:#x}" if value else "0"

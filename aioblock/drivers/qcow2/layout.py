@@ -293,9 +293,9 @@ def parse_header(buf: bytes, file_size: int, *, for_check: bool = False) -> Head
         if bf_size > MAX_BACKING_NAME:
             raise _bad("Backing file name too long")
         if bf_off + bf_size > cluster_size:
-            raise _bad("Invalid backing file offset")
+            raise _bad("Backing file name too long")
         name = buf[bf_off:bf_off + bf_size]
-        hdr.backing_file = name.decode("utf-8", "surrogateescape") if bf_size else None
+        hdr.backing_file = name.decode("utf-8", "surrogateescape") or None
     return hdr
 
 
@@ -328,7 +328,7 @@ def _parse_extensions(hdr: Header, buf: bytes, end: int) -> None:
         if ext_type == EXT_BACKING_FORMAT:
             if ext_len >= 16:
                 raise _bad(f"ERROR: ext_backing_format: len={ext_len} too large (>=16)")
-            hdr.backing_format = data.decode("ascii", "replace") or None
+            hdr.backing_format = data.decode("ascii", "surrogateescape") or None
         elif ext_type == EXT_FEATURE_TABLE:
             for i in range(0, ext_len - 47, 48):
                 ftype, bit = data[i], data[i + 1]
@@ -355,17 +355,27 @@ def build_header_cluster(hdr: Header, cluster_size: int | None = None) -> bytes:
     extension) and the backing file name, as QEMU lays them out. Updates ``backing_file_offset`` and
     ``backing_file_size``. Raises ImageFormatError when it does not fit in the first cluster."""
     cluster_size = cluster_size or hdr.cluster_size
+    try:
+        # QEMU writes the feature-name table on v3 images with clusters over 4 KiB only
+        return _build_header_cluster(hdr, cluster_size, feature_table=hdr.version >= 3 and cluster_size > 4096)
+    except ImageFormatError:
+        if hdr.version < 3:
+            raise
+    # like QEMU, leave the (optional) feature-name table out when it does not fit in a small first cluster
+    return _build_header_cluster(hdr, cluster_size, feature_table=False)
+
+
+def _build_header_cluster(hdr: Header, cluster_size: int, *, feature_table: bool) -> bytes:
     parts: list[bytes] = []
     if hdr.backing_format:
-        parts.append(_ext(EXT_BACKING_FORMAT, hdr.backing_format.encode()))
+        parts.append(_ext(EXT_BACKING_FORMAT, hdr.backing_format.encode("ascii", "surrogateescape")))
     parts += [_ext(e.type, e.data) for e in hdr.other_extensions if e.type == EXT_CRYPTO]
-    if hdr.version >= 3:                                         # the feature-name table is v3 only
+    if feature_table:                                            # the feature-name table is v3 only
         table = b"".join(bytes([t, b]) + n.encode()[:46].ljust(46, b"\0") for (t, b), n in sorted(
             {**FEATURE_NAMES, **hdr.feature_names}.items()))
         parts.append(_ext(EXT_FEATURE_TABLE, table))
     parts += [_ext(e.type, e.data) for e in hdr.other_extensions if e.type != EXT_CRYPTO]
-    if parts:
-        parts.append(bytes(8))                                   # end of extensions
+    parts.append(bytes(8))                                       # end of extensions (always, as QEMU)
     name = (hdr.backing_file or "").encode("utf-8", "surrogateescape")
     if len(name) > MAX_BACKING_NAME:
         raise _bad("Backing file name too long")

@@ -42,6 +42,8 @@ REFBLOCK = "refcount block"
 SNAPSHOTS = "snapshot table"
 SNAPSHOT_L1 = "inactive L1 table"
 DATA = "data"
+#: a cluster two kinds of metadata claim (hostile image): nothing may write it
+CONFLICT = "metadata claimed twice"
 
 
 #: COW areas up to this size are zeroed with a plain write
@@ -62,14 +64,24 @@ class MetadataMap:
         self._kind: dict[int, str] = {}
 
     def add(self, offset: int, length: int, kind: str) -> None:
+        """Record metadata of ``kind``; a cluster claimed by two kinds (a hostile image) becomes CONFLICT, which
+        no write may touch."""
         if length <= 0:
             return
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         for c in range(first, last + 1):
-            if c not in self._kind:
+            old = self._kind.get(c)
+            if old is None:
                 bisect.insort(self._sorted, c)
-            self._kind[c] = kind
+            self._kind[c] = kind if old in (None, kind) else CONFLICT
+
+    def add_many(self, items: dict[int, str]) -> None:
+        """Bulk form of ``add`` for whole clusters (cluster index -> kind), sorting once (used at open)."""
+        for c, kind in items.items():
+            old = self._kind.get(c)
+            self._kind[c] = kind if old in (None, kind) else CONFLICT
+        self._sorted = sorted(self._kind)
 
     def remove(self, offset: int, length: int) -> None:
         if length <= 0:

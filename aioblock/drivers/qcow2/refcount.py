@@ -87,7 +87,8 @@ class Refcounts:
         entry = self.reftable[ri]
         off = entry & REFT_OFFSET_MASK
         if off & (self.cluster_size - 1):
-            raise self.d.corruption(f"Refblock offset {off:#x} unaligned (reftable index: {ri:#x})")
+            raise self.d.corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
+                                    f"{f'{ri:#x}' if ri else '0'})")
         if off and off >= self.d.file.size:
             raise self.d.corruption(f"Refblock at {off:#x} lies beyond the end of the file (reftable index: "
                                     f"{ri:#x})")
