@@ -38,7 +38,20 @@ from ...sizes import parse_size
 from . import layout as L
 from .compress import CompressedDataError, compress_cluster, decompress_cluster
 from .layout import OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header, parse_header
-from .metaio import DATA, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAPSHOT_L1, SNAPSHOTS, MetadataMap, MetaIO, OverlapError
+from .metaio import (
+    CONFLICT,
+    DATA,
+    HEADER,
+    L1,
+    L2,
+    REFBLOCK,
+    REFTABLE,
+    SNAPSHOT_L1,
+    SNAPSHOTS,
+    MetadataMap,
+    MetaIO,
+    OverlapError,
+)
 from .refcount import Refcounts, load_table, pack_table
 
 __all__ = ["Qcow2Driver"]
@@ -367,6 +380,8 @@ class Qcow2Driver(BlockDriver):
             return None
         if l2off >= self.file.size:
             raise self.corruption(f"L2 table at {l2off:#x} lies beyond the end of the file")
+        if self.metamap.kind_at(l2off) == CONFLICT:
+            raise self.corruption(f"L2 table at {l2off:#x} overlaps other metadata")
         return await self.l2cache.get(self._slice_offset(l2off, guest))
 
     def _scan(self, data: bytearray, guest: int, length: int) -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from ...cache import SliceCache
 from ...errors import BlockIOError, ImageTooLargeError
 from .layout import MAX_CLUSTER_OFFSET, MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, get_refcount, set_refcount
-from .metaio import REFBLOCK, REFTABLE
+from .metaio import CONFLICT, REFBLOCK, REFTABLE
 
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
@@ -89,6 +89,8 @@ class Refcounts:
         if off & (self.cluster_size - 1):
             raise self.d.corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
                                     f"{f'{ri:#x}' if ri else '0'})")
+        if off and self.d.metamap.kind_at(off) == CONFLICT:
+            raise self.d.corruption(f"Refblock at {off:#x} overlaps other metadata (reftable index: {ri:#x})")
         if off and off >= self.d.file.size:
             raise self.d.corruption(f"Refblock at {off:#x} lies beyond the end of the file (reftable index: "
                                     f"{ri:#x})")
