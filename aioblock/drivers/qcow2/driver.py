@@ -473,22 +473,28 @@ class Qcow2Driver(BlockDriver):
 
     # ---- read ---------------------------------------------------------------------------------------------
 
+    def _cached_entry(self, offset: int, length: int) -> int | None:
+        """The standard L2 entry mapping ``[offset, offset+length)`` when the range lies in one cluster and its
+        L2 slice is cached; None otherwise. No await: the lock-free fast paths of pread and pwrite."""
+        cs = self.cs
+        if not self._fast_io or (offset & (cs - 1)) + length > cs:
+            return None
+        l2off = self.l1[offset >> self.l1_shift] & L.L1E_OFFSET_MASK
+        if not l2off or l2off & (cs - 1):
+            return None
+        gc = (offset >> self.cluster_bits) & self._l2_index_mask
+        s = self.l2cache.peek(l2off + (gc >> self._slice_shift) * self._slice_bytes)
+        if s is None:
+            return None
+        entry: int = _Q.unpack_from(s.data, (gc & self._slice_mask) << 3)[0]
+        host = entry & L.L2E_OFFSET_MASK
+        return entry if host and not host & (cs - 1) else None
+
     async def pread(self, offset: int, buf: memoryview) -> None:
-        # fast path: the range lies in one normal cluster whose L2 slice is cached (no lock, no extra frames)
-        if self._fast_io:
-            cs = self.cs
-            within = offset & (cs - 1)
-            if within + len(buf) <= cs:
-                l2off = self.l1[offset >> self.l1_shift] & L.L1E_OFFSET_MASK
-                if l2off and not l2off & (cs - 1):
-                    gc = (offset >> self.cluster_bits) & self._l2_index_mask
-                    s = self.l2cache.peek(l2off + (gc >> self._slice_shift) * self._slice_bytes)
-                    if s is not None:
-                        entry = _Q.unpack_from(s.data, (gc & self._slice_mask) << 3)[0]
-                        host = entry & L.L2E_OFFSET_MASK
-                        if not entry & (OFLAG_COMPRESSED | OFLAG_ZERO) and host and not host & (cs - 1):
-                            await self.file.pread(host + within, buf)
-                            return
+        entry = self._cached_entry(offset, len(buf))
+        if entry is not None and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
+            await self.file.pread((entry & L.L2E_OFFSET_MASK) + (offset & (self.cs - 1)), buf)
+            return
         self._check_usable(False)
         try:
             await self._read(offset, buf)
@@ -551,33 +557,14 @@ class Qcow2Driver(BlockDriver):
     # ---- write ----------------------------------------------------------------------------------------------
 
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
-        # fast path: an in-place overwrite inside one cluster with refcount 1 whose L2 slice is cached
-        if self._fast_io and not fua and not self.read_only:
-            cs = self.cs
-            within = offset & (cs - 1)
-            if within + len(buf) <= cs and (offset >> self.cluster_bits) not in self._inflight:
-                l2off = self.l1[offset >> self.l1_shift] & L.L1E_OFFSET_MASK
-                if l2off and not l2off & (cs - 1):
-                    gc = (offset >> self.cluster_bits) & self._l2_index_mask
-                    s = self.l2cache.peek(l2off + (gc >> self._slice_shift) * self._slice_bytes)
-                    if s is not None:
-                        entry = _Q.unpack_from(s.data, (gc & self._slice_mask) << 3)[0]
-                        host = entry & L.L2E_OFFSET_MASK
-                        if (entry & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED and host
-                                and not host & (cs - 1) and self.metamap.kind_at(host) is None):
-                            hc = host >> self.cluster_bits
-                            busy = self.busy_hosts
-                            busy[hc] = busy.get(hc, 0) + 1
-                            try:
-                                await self.file.pwrite(host + within, buf)
-                            finally:
-                                if busy[hc] == 1:
-                                    del busy[hc]
-                                else:
-                                    busy[hc] -= 1
-                            return
         self._check_usable(True)
         try:
+            # fast path: an in-place overwrite inside one cluster with refcount 1 whose L2 slice is cached
+            if not fua and (offset >> self.cluster_bits) not in self._inflight:
+                entry = self._cached_entry(offset, len(buf))
+                if entry is not None and entry & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED:
+                    await self._write_in_place((entry & L.L2E_OFFSET_MASK) + (offset & (self.cs - 1)), buf)
+                    return
             pos, total = 0, len(buf)
             while pos < total:
                 pos += await self._write_some(offset + pos, buf[pos:])
