@@ -1,9 +1,15 @@
 """The background flusher: batched write-back of a driver's dirty metadata, and the periodic idle clean.
 
 A format driver owns one :class:`Flusher`. Whenever metadata becomes dirty the driver (usually through
-``SliceCache.on_dirty``) calls ``notify``; ``delay`` seconds later the flusher runs the driver's full ordered
-write-back (``flush_fn``: caches in dependency order, then a sync) with the driver's metadata lock held. Every
-notify that arrives before that flush starts is served by it, so a burst of writes costs one flush.
+``SliceCache.on_dirty``) calls ``notify``; once no notify has come for ``delay`` seconds (the image is idle), or
+at the latest ``max_age`` seconds after the first one, the flusher runs the driver's full ordered write-back
+(``flush_fn``: caches in dependency order, then a sync) with the driver's metadata lock held. Every notify that
+arrives before that flush starts is served by it, so a burst of writes costs one flush, and a busy image is not
+stalled by write-back (the flush holds the lock through its syncs) more than once per ``max_age``.
+
+Idleness is checked without a clock read per notify: ``notify`` only sets a flag, and the timer, armed for
+``delay``, re-arms itself while the flag was set during the last period. So the flush comes between ``delay``
+and ``2 * delay`` after the last notify.
 
 Ownership: the flusher's timers and its task are created by ``notify`` (and by ``__init__`` for the clean
 timer) and never outlive ``aclose``. Suspension: ``notify`` and ``take_error`` are sync and never suspend
@@ -29,28 +35,37 @@ class Flusher:
     """Background write-back task owned by a driver.
 
     ``flush_fn``: the owner's full ordered write-back; the flusher holds ``lock`` (the owner's metadata lock)
-    around each call. ``delay``: seconds from the first ``notify`` to the flush. ``clean_fn``: called
+    around each call. ``delay``: idle seconds (no ``notify``) before the flush; ``max_age``: seconds from the
+    first ``notify`` after which the flush comes even if notifies go on (default ``10 * delay``). ``clean_fn``: called
     synchronously, with no lock, every ``clean_interval`` seconds when that is > 0 (qcow2's
     cache-clean-interval: e.g. ``SliceCache.shrink_idle`` of each cache); then the flusher must be created in
     the running loop.
 
     State (touched only from the loop's thread; no lock needed since nothing here suspends between a check
-    and its update): ``_timer`` the pending delayed flush; ``_task`` the flush task while it runs, waiting for
+    and its update): ``_timer`` the pending delayed flush, armed at loop time ``_since``; ``_active`` a notify
+    came since the timer was (re-)armed; ``_task`` the flush task while it runs, waiting for
     the lock or flushing; ``_flushing`` True while ``flush_fn`` runs (the task must not be cancelled then);
     ``_again`` a delay ran out while the task was flushing: flush once more right after. ``runs``: calls of
     ``flush_fn`` completed by the background task, successful or not.
     """
 
     def __init__(self, lock: asyncio.Lock, flush_fn: Callable[[], Awaitable[None]], *, delay: float = 0.5,
-                 clean_fn: Callable[[], object] | None = None, clean_interval: float = 0.0) -> None:
+                 max_age: float | None = None, clean_fn: Callable[[], object] | None = None,
+                 clean_interval: float = 0.0) -> None:
         if delay < 0:
             raise ValueError(f"flush delay must not be negative, not {delay}")
+        max_age = 10 * delay if max_age is None else max_age
+        if max_age < delay:
+            raise ValueError(f"flush max_age must be at least the delay ({delay}), not {max_age}")
         if clean_interval < 0:
             raise ValueError(f"clean interval must not be negative, not {clean_interval}")
         self.runs = 0
         self._lock = lock
         self._flush_fn = flush_fn
         self._delay = delay
+        self._max_age = max_age
+        self._since = 0.0
+        self._active = False
         self._clean_fn = clean_fn
         self._clean_interval = clean_interval
         self._timer: asyncio.TimerHandle | None = None
@@ -74,27 +89,35 @@ class Flusher:
         return err
 
     def notify(self) -> None:
-        """Something became dirty: flush ``delay`` seconds from now, unless a flush is already due.
+        """Something became dirty: flush once idle for ``delay`` seconds (or ``max_age`` from now).
 
-        No-op after ``aclose``, while a delayed flush is pending, and while the flush task waits for the lock
-        (it has not looked at the caches yet). While the task is flushing, a new delayed flush is scheduled:
-        what became dirty meanwhile may have been missed. Must be called from the loop's thread."""
-        if self._closed or self._timer is not None:
+        While a delayed flush is pending this only records activity (cheap: drivers call it on every
+        metadata change). No-op after ``aclose`` and while the flush task waits for the lock (it has not
+        looked at the caches yet). While the task is flushing, a new delayed flush is scheduled: what became
+        dirty meanwhile may have been missed. Must be called from the loop's thread."""
+        if self._timer is not None:
+            self._active = True
             return
-        if self._task is not None and not self._flushing:
+        if self._closed or (self._task is not None and not self._flushing):
             return
         loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        self._active = False
         self._timer = loop.call_later(self._delay, self._on_timer, context=contextvars.Context())
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed:
             return
+        loop = asyncio.get_running_loop()
+        if self._active and loop.time() - self._since + self._delay <= self._max_age:
+            self._active = False        # still busy: look again after another idle period
+            self._timer = loop.call_later(self._delay, self._on_timer, context=contextvars.Context())
+            return
         if self._task is not None:
             # Flushing: flush again right after. Still waiting for the lock: that flush serves this too.
             self._again = self._again or self._flushing
             return
-        loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="aioblock-flusher", context=contextvars.Context())
 
     async def _run(self) -> None:

@@ -240,9 +240,7 @@ class SliceCache:
         directly or through a chain, ``other`` is flushed first (which flushes this cache before it), so the
         dependency graph stays acyclic. A different dependency that is set is resolved first (its cache
         flushed, then synced): a cache has at most one dependency."""
-        if other is self:
-            raise ValueError(f"{self.name} cache cannot depend on itself")
-        if self._depends is other:
+        if self.set_dependency_now(other):
             return
         if other._reaches(self):
             # flush() always resolves the dependency chain, so afterwards nothing on it reaches self.
@@ -250,6 +248,19 @@ class SliceCache:
             assert not other._reaches(self)
         await self._resolve_dependency()
         self._depends = other
+
+    def set_dependency_now(self, other: SliceCache) -> bool:
+        """``set_dependency`` when it needs no write: True if the dependency is set (already or now); False,
+        with nothing changed, if ``set_dependency`` must resolve another dependency or break a cycle first.
+        Never suspends."""
+        if other is self:
+            raise ValueError(f"{self.name} cache cannot depend on itself")
+        if self._depends is other:
+            return True
+        if self._depends is None and not other._reaches(self):
+            self._depends = other
+            return True
+        return False
 
     def set_depends_on_flush(self) -> None:
         """Make the next write-back of any slice of this cache wait for an ``io.sync()`` first."""

@@ -42,19 +42,20 @@ CACHE_MODES = ("writeback", "none")
 _BOUNCE_CHUNK = 1 << 20          # O_DIRECT bounce buffers are at most this large; bigger requests loop
 
 
-def make_engine(name: str | None) -> Engine:
+def make_engine(name: str | None, *, direct: bool = False) -> Engine:
     """Create an engine for the running loop. ``None`` picks the default: ``uring`` where io_uring works,
     otherwise ``threads`` (which, like uring, never blocks the loop on a cold read) with a one-line notice on
-    stderr. Measurements behind the choice: benchmarks/README.md."""
+    stderr. Measurements behind the choice: benchmarks/README.md. ``direct``: the engine's file is opened with
+    O_DIRECT (no page-cache copies to offload)."""
     if name is None:
         if uring_available():
-            return UringEngine()
+            return UringEngine(offload=not direct)
         print("aioblock: io_uring is unavailable here; using the 'threads' engine", file=sys.stderr)
         return ThreadsEngine()
     if name == "uring":
         if not uring_available():
             raise InvalidOptionError("engine 'uring' is unavailable: io_uring is not supported here")
-        return UringEngine()
+        return UringEngine(offload=not direct)
     if name == "sync":
         return SyncEngine()
     if name == "threads":
@@ -113,7 +114,7 @@ class FileNode(BlockDriver):
                 raise ImageOpenError(f"'file' driver requires '{filename}' to be a regular file",
                                      filename=filename)
             alignment = _probe_direct_alignment(fd, size) if direct else 1
-            eng = make_engine(engine)
+            eng = make_engine(engine, direct=direct)
         except BaseException:
             os.close(fd)
             raise

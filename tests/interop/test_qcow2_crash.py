@@ -726,9 +726,10 @@ FAULT_CASES = [
 
 async def scenario_64k(s: FaultSession, cs: int) -> None:
     await s.put(5 * cs, cs, 1)                         # new L2 table, then an allocation
-    await s.put(512, 1 * KiB, 1)                       # COW
+    await s.put(512, 1 * KiB, 1)                       # a new cluster past EOF: nothing to copy
     await s.put(cs, 2 * cs, 1)
     await s.put_compressed(12 * cs, cs, 1)
+    await s.put(12 * cs + 512, 1 * KiB, 2)             # COW from a compressed cluster
     await s.flush()
     await s.put(cs + 512, 512, 2)                      # in place
     await s.put(8 * cs, cs, 1)
@@ -789,8 +790,13 @@ async def scenario_l1(s: FaultSession, cs: int) -> None:
 
 
 async def scenario_concurrent(s: FaultSession, cs: int) -> None:
-    """Many allocating writes in flight at once (in one L2 slice), then overwrites of them, at once too."""
+    """Many allocating writes in flight at once (in one L2 slice), then overwrites of them, at once too. They
+    reuse freed clusters, whose stale bytes the COW must replace with zeroes."""
     await s.put(0, 4 * KiB, 1)
+    await s.put(cs, 15 * cs, 9)
+    await s.flush()
+    await s.discard(cs, 15 * cs)
+    await s.flush()
     await asyncio.gather(*(s.put(i * cs + (i % 3) * KiB, 8 * KiB + (i % 2) * cs, 1) for i in range(1, 16)))
     await asyncio.gather(*(s.put(i * cs + 512, 1 * KiB, 2) for i in range(1, 16)))
     await s.flush()

@@ -705,6 +705,29 @@ def test_flusher_validates_arguments() -> None:
         Flusher(lock, noop, delay=-1)
     with pytest.raises(ValueError):
         Flusher(lock, noop, clean_interval=-1)
+    with pytest.raises(ValueError):
+        Flusher(lock, noop, delay=0.5, max_age=0.1)
+
+
+async def test_flusher_waits_for_idle_then_for_max_age_at_most() -> None:
+    owner = Owner()
+    loop = asyncio.get_running_loop()
+    flusher = Flusher(owner.lock, owner.flush, delay=0.02, max_age=0.2)
+    start = loop.time()
+    while loop.time() - start < 0.1:              # busy: a notify every 5 ms, for 100 ms
+        flusher.notify()
+        await asyncio.sleep(0.005)
+    assert owner.calls == 0                       # never idle for 20 ms yet
+    await asyncio.wait_for(owner.flushed.wait(), 5)
+    assert loop.time() - start >= 0.1             # flushed only once idle (>= 20 ms after the last notify)
+    owner.flushed.clear()
+    start = loop.time()
+    while not owner.flushed.is_set():             # busy for good: the flush comes at max_age
+        flusher.notify()
+        await asyncio.sleep(0.005)
+        assert loop.time() - start < 5
+    await flusher.aclose()
+    assert loop.time() - start >= 0.15 and owner.calls == 2
 
 
 async def test_flusher_with_a_cache() -> None:

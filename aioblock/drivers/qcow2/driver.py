@@ -60,6 +60,8 @@ log = logging.getLogger("aioblock.qcow2")
 
 _Q = struct.Struct(">Q")
 _QQ = struct.Struct(">QQ")
+#: L2 entry bits that make it refer to host clusters
+_MAPS_HOST = L.L2E_OFFSET_MASK | OFLAG_COMPRESSED
 
 # what a guest range maps to
 UNALLOC, ZERO, NORMAL, COMPRESSED = 0, 1, 2, 3
@@ -80,6 +82,7 @@ class _Alloc:
     k: int
     host: int
     new: bool                      # host clusters newly allocated (else: in place, extended L2)
+    blank: bool                    # no COW needed: it would copy zeroes to clusters that read as zeroes
     region: tuple[int, int]        # guest byte range written to the host (data plus COW)
     bits: list[int]                # extended L2: subclusters written, per cluster
     old: list[tuple[int, int]]     # old (entry, bitmap) per cluster
@@ -391,8 +394,20 @@ class Qcow2Driver(BlockDriver):
         cb, cs = self.cluster_bits, self.cs
         idx = (guest >> cb) & (self.slice_entries - 1)
         kind, host, n = self._unit(data, idx, guest)
-        if kind == COMPRESSED:
+        if kind == COMPRESSED or n >= length:
             return kind, host, min(length, n)
+        if not self.ext_l2:
+            # A standard entry continues the run iff it equals the previous one advanced by a cluster (by
+            # nothing when the run has no host offset): same flags, so same kind and the same validity.
+            last = min(self.slice_entries, idx + 1 + ((length - n + cs - 1) >> cb))
+            step = cs if host else 0
+            expect = _Q.unpack_from(data, idx * 8)[0]
+            for entry in struct.unpack_from(f">{last - idx - 1}Q", data, idx * 8 + 8):
+                expect += step
+                if entry != expect:
+                    break
+                n += cs
+            return kind, host, min(n, length)
         end_host = host + n
         pos = guest + n
         last = self.slice_entries
@@ -475,7 +490,7 @@ class Qcow2Driver(BlockDriver):
 
     def _cached_entry(self, offset: int, length: int) -> int | None:
         """The standard L2 entry mapping ``[offset, offset+length)`` when the range lies in one cluster and its
-        L2 slice is cached; None otherwise. No await: the lock-free fast paths of pread and pwrite."""
+        L2 slice is cached; None otherwise. No await: the lock-free fast path of pread."""
         cs = self.cs
         if not self._fast_io or (offset & (cs - 1)) + length > cs:
             return None
@@ -559,15 +574,9 @@ class Qcow2Driver(BlockDriver):
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
         self._check_usable(True)
         try:
-            # fast path: an in-place overwrite inside one cluster with refcount 1 whose L2 slice is cached
-            if not fua and (offset >> self.cluster_bits) not in self._inflight:
-                entry = self._cached_entry(offset, len(buf))
-                if entry is not None and entry & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED:
-                    await self._write_in_place((entry & L.L2E_OFFSET_MASK) + (offset & (self.cs - 1)), buf)
-                    return
             pos, total = 0, len(buf)
             while pos < total:
-                pos += await self._write_some(offset + pos, buf[pos:])
+                pos += await self._write_some(offset + pos, buf[pos:] if pos else buf)
             if fua:
                 await self.flush()
         except BlockIOError:
@@ -614,9 +623,10 @@ class Qcow2Driver(BlockDriver):
         length = len(view)
         cb = self.cluster_bits
         while True:
-            # fast path: cached slice, in-place overwrite, no allocation in flight
-            l2off = self._l2_offset(guest >> self.l1_shift)
-            if l2off and self.l1[guest >> self.l1_shift] & OFLAG_COPIED and (guest >> cb) not in self._inflight:
+            # fast paths, without the lock: the L2 slice is cached and no allocation of the cluster is in flight
+            l1e = self.l1[guest >> self.l1_shift]
+            l2off = l1e & L.L1E_OFFSET_MASK
+            if l1e & OFLAG_COPIED and l2off and not l2off & (self.cs - 1) and (guest >> cb) not in self._inflight:
                 s = self.l2cache.peek(self._slice_offset(l2off, guest))
                 if s is not None:
                     plan = self._overwrite_plan(s.data, guest, length)
@@ -624,6 +634,9 @@ class Qcow2Driver(BlockDriver):
                         host, n = plan
                         await self._write_in_place(host, view[:n])
                         return n
+                    alloc = self._start_alloc_now(s.data, guest, length)
+                    if alloc is not None:
+                        return await self._finish_alloc(alloc, guest, view)
             async with self.lock:
                 waiter = self._inflight.get(guest >> cb)
                 if waiter is None:
@@ -777,10 +790,47 @@ class Qcow2Driver(BlockDriver):
             await self._make_dirty_if_lazy()
             self.file.event("cluster_alloc")
             host, new = await self.refcounts.alloc(k), True
+        return self._in_flight(gc, k, host, new, region, bits, old)
+
+    def _start_alloc_now(self, data: bytearray, guest: int, length: int) -> _Alloc | None:
+        """``_start_alloc`` in one synchronous step for the common case; None when the slow path is needed.
+
+        The common case: standard L2 entries that map no host cluster (unallocated or zero), none in flight,
+        in the cached slice ``data`` of an L2 table of ours, with free host clusters in a cached refcount block
+        and no lazy-refcounts dirty bit to set. The metadata lock must be free: then nothing is half-changed,
+        and as nothing here suspends, this runs as a critical section of its own."""
+        if self.lock.locked() or self.ext_l2 or (self.header.lazy_refcounts and not self.dirty):
+            return None
+        cs, cb = self.cs, self.cluster_bits
+        gc = guest >> cb
+        idx = gc & self._slice_mask
+        limit = min(-(-(guest + length) // cs) - gc, self.slice_entries - idx)
+        old: list[tuple[int, int]] = []
+        inflight, k = self._inflight, 0
+        while k < limit and gc + k not in inflight:
+            entry = _Q.unpack_from(data, (idx + k) * 8)[0]
+            if entry & _MAPS_HOST:
+                break
+            old.append((entry, 0))
+            k += 1
+        host = self.refcounts.alloc_now(k) if k else None
+        if host is None:
+            return None
+        self.file.event("cluster_alloc")
+        return self._in_flight(gc, k, host, True, (gc << cb, (gc + k) << cb), [], old)
+
+    def _in_flight(self, gc: int, k: int, host: int, new: bool, region: tuple[int, int], bits: list[int],
+                   old: list[tuple[int, int]]) -> _Alloc:
+        """Register an allocation of guest clusters ``[gc, gc+k)`` as in flight."""
+        # New clusters past the end of the file have never been written (only their owner will write them,
+        # and I/O to a cluster finishes before it can be freed): they read as zeroes, so when what they
+        # replace reads as zeroes too (it maps nothing, and there is no backing file) nothing is copied.
+        blank = (new and host >= self.file.size and self.backing is None
+                 and not any(e & _MAPS_HOST for e, _ in old))
         fut = asyncio.get_running_loop().create_future()
         for i in range(k):
             self._inflight[gc + i] = fut
-        return _Alloc(gc, k, host, new, region, bits, old, fut)
+        return _Alloc(gc, k, host, new, blank, region, bits, old, fut)
 
     def _entry(self, data: bytearray, idx: int) -> tuple[int, int]:
         if self.ext_l2:
@@ -797,14 +847,18 @@ class Qcow2Driver(BlockDriver):
         ok = False
         try:
             host_of = a.host + (r0 - g0)
-            if r0 < guest:
+            if r0 < guest and not a.blank:
                 await self._cow(r0, guest, host_of)
             self.file.event("write_aio")
             await self.metaio.write(a.host + (guest - g0), view[:n], DATA)
-            if guest + n < r1:
+            if guest + n < r1 and not a.blank:
                 await self._cow(guest + n, r1, a.host + (guest + n - g0))
-            async with self.lock:
-                await self._link(a)
+            if not self._link_now(a):
+                async with self.lock:
+                    freed = await self._link(a)
+                    ok = True                   # mapped: a failure from here on must not free the new clusters
+                    for entry in freed:
+                        await self._free_entry(entry)
             ok = True
         finally:
             if not ok:
@@ -834,12 +888,13 @@ class Qcow2Driver(BlockDriver):
                 await self.metaio.write(host + pos - start, buf, DATA)
             pos += n
 
-    async def _link(self, a: _Alloc) -> None:
-        """Map the filled clusters (lock held): L2 entries, dependencies, then free what they replace."""
+    async def _link(self, a: _Alloc) -> list[int]:
+        """Map the filled clusters (lock held): dependencies, then the L2 entries. Returns the old entries
+        whose references the caller must drop; if this raises, nothing was mapped."""
         cb = self.cluster_bits
         guest = a.gc << cb
         s = await self._l2_for_write(guest)
-        freed: list[tuple[int, int]] = []
+        freed: list[int] = []
         try:
             if not self.header.lazy_refcounts:
                 await self.l2cache.set_dependency(self.refcounts.cache)
@@ -858,14 +913,41 @@ class Qcow2Driver(BlockDriver):
                 else:
                     _Q.pack_into(data, (idx + i) * 8, host | OFLAG_COPIED)
                 if a.new:
-                    freed.append((old_entry, old_bitmap))
+                    freed.append(old_entry)
             self.l2cache.mark_dirty(s)
             for i in range(a.k):
                 self._inflight.pop(a.gc + i, None)
         finally:
             self.l2cache.put(s)
-        for old_entry, _ in freed:
-            await self._free_entry(old_entry)
+        return freed
+
+    def _link_now(self, a: _Alloc) -> bool:
+        """``_link`` in one synchronous step for the common case; False (nothing changed) when the slow path
+        is needed. The common case: standard L2 entries that map nothing (so nothing to free) in a cached
+        slice of an L2 table of ours, and the L2-after-refcount ordering set without a flush. Lock rule as
+        for ``_start_alloc_now``."""
+        if self.lock.locked() or self.ext_l2 or not a.new:
+            return False
+        cb = self.cluster_bits
+        guest = a.gc << cb
+        l1e = self.l1[guest >> self.l1_shift]
+        if not l1e & OFLAG_COPIED:
+            return False
+        s = self.l2cache.peek(self._slice_offset(l1e & L.L1E_OFFSET_MASK, guest))
+        if s is None:
+            return False
+        data, idx = s.data, a.gc & self._slice_mask
+        for i in range(a.k):
+            if _Q.unpack_from(data, (idx + i) * 8)[0] & _MAPS_HOST:
+                return False
+        if not self.header.lazy_refcounts and not self.l2cache.set_dependency_now(self.refcounts.cache):
+            return False
+        self.l2cache.set_depends_on_flush()
+        for i in range(a.k):
+            _Q.pack_into(data, (idx + i) * 8, (a.host + (i << cb)) | OFLAG_COPIED)
+            self._inflight.pop(a.gc + i, None)
+        self.l2cache.mark_dirty(s)
+        return True
 
     async def _free_entry(self, entry: int) -> None:
         """Drop the reference an (old) L2 entry held (lock held)."""

@@ -154,30 +154,73 @@ class Refcounts:
         self.end_cluster = max(self.end_cluster, start + n)
         return start << self.cluster_bits
 
+    def alloc_now(self, n: int) -> int | None:
+        """``alloc`` without suspending: when the first free run of ``n`` clusters from the hint lies in one
+        cached refcount block. None otherwise, with nothing changed (the caller takes ``alloc``).
+
+        Lock rule: the metadata lock held, or a synchronous critical section of the caller's own while the
+        lock is free (nothing is then half-changed, and nothing else runs until the caller suspends)."""
+        c = max(self.free_hint, 1)
+        ri = c >> self.rb_bits
+        rb = self.refblock_offset(ri)
+        s = self.cache.peek(rb) if rb else None
+        if s is None:
+            return None
+        _, start, run, first_free = self._free_run(s.data, c, (ri + 1) << self.rb_bits, n, c, 0, -1)
+        if run < n:
+            return None
+        self._take_run(start, n, first_free)
+        for c in range(start, start + n):
+            set_refcount(s.data, c & self.rb_mask, self.order, 1)
+        self.cache.mark_dirty(s)
+        self.end_cluster = max(self.end_cluster, start + n)
+        return start << self.cluster_bits
+
     async def find_free(self, n: int) -> int:
         """First run of ``n`` free clusters at or after the hint (no refcount, not metadata, not pending)."""
         c = max(self.free_hint, 1)
         start, run, first_free = c, 0, -1
         while run < n:
-            if await self._is_free(c):
+            ri = c >> self.rb_bits
+            rb = self.refblock_offset(ri)
+            stop = (ri + 1) << self.rb_bits
+            if not rb:
+                c, start, run, first_free = self._free_run(None, c, stop, n, start, run, first_free)
+                continue
+            s = await self.cache.get(rb)
+            try:
+                c, start, run, first_free = self._free_run(s.data, c, stop, n, start, run, first_free)
+            finally:
+                self.cache.put(s)
+        self._take_run(start, n, first_free)
+        return start
+
+    def _free_run(self, block: bytearray | None, c: int, stop: int, n: int, start: int, run: int,
+                  first_free: int) -> tuple[int, int, int, int]:
+        """Go on looking for ``n`` free clusters through clusters ``[c, stop)`` of one refcount block
+        (``block`` None: the block does not exist, all its refcounts are 0), from the current run (its start
+        and length) and the first free cluster seen (-1: none yet). Returns where the search stopped and the
+        new run start, run length and first free cluster."""
+        cb, mask, order = self.cluster_bits, self.rb_mask, self.order
+        pending, busy, kind_at = self.pending_free, self.d.busy_hosts, self.d.metamap.kind_at
+        while run < n and c < stop:
+            if (c in pending or c in busy or kind_at(c << cb) is not None
+                    or (block is not None and get_refcount(block, c & mask, order))):
+                run = 0
+            else:
                 if run == 0:
                     start = c
                 if first_free < 0:
                     first_free = c
                 run += 1
-            else:
-                run = 0
             c += 1
+        return c, start, run, first_free
+
+    def _take_run(self, start: int, n: int, first_free: int) -> None:
+        """Move the hint past a run found by ``_free_run`` (EFBIG if it lies past the largest host offset)."""
         if (start + n) << self.cluster_bits > MAX_CLUSTER_OFFSET:
             raise BlockIOError(errno.EFBIG, "Image is too big: no host offset left")
         self.free_hint = start + n if first_free == start else first_free
-        return start
-
-    async def _is_free(self, c: int) -> bool:
-        if (c in self.pending_free or c in self.d.busy_hosts
-                or self.d.metamap.kind_at(c << self.cluster_bits) is not None):
-            return False
-        return await self.get(c) == 0
 
     async def alloc_bytes(self, size: int) -> int:
         """Space for ``size`` bytes of compressed data, packed after the previous compressed cluster when it
