@@ -181,28 +181,24 @@ class Qcow2Driver(BlockDriver):
         h, file, cs = self.header, self.file, self.cs
         self.metamap = MetadataMap(self.cluster_bits)
         self.metaio = MetaIO(file, self.metamap, self._overlap)
-        l1_raw = await self.metaio.read(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
-        self.l1 = load_table(l1_raw)
-        rt_raw = (await self.metaio.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
-                  if h.refcount_table_clusters else b"")
-        reftable = load_table(rt_raw)
+        self.l1 = load_table(await self.metaio.read(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b"")
+        reftable = load_table(await self.metaio.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
+                              if h.refcount_table_clusters else b"")
         self.snapshots = []
         if h.nb_snapshots:
             n = min(L.MAX_SNAPSHOT_TABLE_BYTES, file.size - h.snapshots_offset)
             raw = await self.metaio.read(h.snapshots_offset, n)
             self.snapshots, used = L.parse_snapshots(bytes(raw), h.nb_snapshots, cs, file.size)
             self.metamap.add(h.snapshots_offset, used, SNAPSHOTS)
-            for off, n in {(sn.l1_table_offset, sn.l1_size) for sn in self.snapshots}:    # shared tables once
-                self.metamap.add(off, n * 8, SNAPSHOT_L1)
         mm = self.metamap
-        mm.add(0, cs, HEADER)
-        mm.add(h.l1_table_offset, h.l1_size * 8, L1)
-        mm.add(h.refcount_table_offset, h.refcount_table_clusters * cs, REFTABLE)
+        mm.add_tables([(0, cs, HEADER), (h.l1_table_offset, h.l1_size * 8, L1),
+                       (h.refcount_table_offset, h.refcount_table_clusters * cs, REFTABLE),
+                       *{(sn.l1_table_offset, sn.l1_size * 8, SNAPSHOT_L1) for sn in self.snapshots}])
         cb, size = self.cluster_bits, file.size
-        mm.add_many({off >> cb: REFBLOCK for e in reftable
-                     if (off := e & L.REFT_OFFSET_MASK) and not off & (cs - 1) and off < size})
-        mm.add_many({off >> cb: L2 for e in self.l1
-                     if (off := e & L.L1E_OFFSET_MASK) and not off & (cs - 1) and off < size})
+        mm.add_blocks((off >> cb for e in reftable
+                       if (off := e & L.REFT_OFFSET_MASK) and not off & (cs - 1) and off < size), REFBLOCK)
+        mm.add_blocks((off >> cb for e in self.l1
+                       if (off := e & L.L1E_OFFSET_MASK) and not off & (cs - 1) and off < size), L2)
 
         opts = dict(options)
         slice_size = _size_opt(opts, "l2-cache-entry-size", min(DEFAULT_SLICE, cs))

@@ -41,7 +41,7 @@ __all__ = ["Refcounts", "load_table", "pack_table"]
 def load_table(raw: bytes | bytearray) -> array[int]:
     """A big-endian table of u64 entries as a native ``array('Q')`` (8 bytes an entry)."""
     table = array("Q")
-    table.frombytes(bytes(raw[:len(raw) // 8 * 8]))
+    table.frombytes(memoryview(raw)[:len(raw) // 8 * 8])     # no copy of the raw bytes
     if struct.pack("=H", 1) != struct.pack(">H", 1):
         table.byteswap()
     return table
