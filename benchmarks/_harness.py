@@ -7,9 +7,10 @@ import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_info", "make_hot_file", "parse_bench_output", "run_cmd"]
+__all__ = ["drop_caches", "machine_info", "make_hot_file", "parse_bench_output", "run_cmd", "update_readme_section"]
 
 _CHUNK = 1 << 20
 
@@ -102,3 +103,11 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def update_readme_section(start_marker: str, end_marker: str, table: str) -> None:
+    """Replace what lies between two marker comments of benchmarks/README.md with ``table``."""
+    readme = Path(__file__).resolve().parent / "README.md"
+    text = readme.read_text()
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
+    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _harness import machine_info, parse_bench_output, run_cmd
+from _harness import machine_info, parse_bench_output, run_cmd, update_readme_section
 
 HERE = Path(__file__).resolve().parent
 SIZE = 1 << 30
@@ -41,7 +41,7 @@ SCATTER_STEP = 25013 * 4096
 WORKLOADS: dict[str, dict[str, Any]] = {
     "read-4k-seq": {"bufsize": 4096, "step": 4096, "count": 200_000, "depth": 32, "write": False},
     "read-4k-scatter": {"bufsize": 4096, "step": SCATTER_STEP, "count": 200_000, "depth": 32, "write": False},
-    "read-1m-seq": {"bufsize": 1 << 20, "step": 1 << 20, "count": 4_000, "depth": 8, "write": False},
+    "read-1m-seq": {"bufsize": 1 << 20, "step": 1 << 20, "count": 16_000, "depth": 8, "write": False},
     "write-4k-alloc": {"bufsize": 4096, "step": 65536, "count": 16_384, "depth": 32, "write": True},
 }
 CONFIGS: dict[str, list[str]] = {
@@ -169,15 +169,6 @@ def criterion(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def update_readme(table: str) -> None:
-    readme = HERE / "README.md"
-    text = readme.read_text()
-    if README_START not in text:
-        text += f"\n## qcow2\n\n{README_START}\n{README_END}\n"
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/aioblock-bench", help="where the test images go")
@@ -217,7 +208,7 @@ def main() -> int:
     print(table)
     print("\n".join(data["criterion"]))
     if args.update_readme:
-        update_readme(table)
+        update_readme_section(README_START, README_END, table)
     print(f"results: {out}")
     return 0
 

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _harness import drop_caches, machine_info, make_hot_file, parse_bench_output, run_cmd
+from _harness import drop_caches, machine_info, make_hot_file, parse_bench_output, run_cmd, update_readme_section
 from profile_layers import profile
 
 HERE = Path(__file__).resolve().parent
@@ -150,13 +150,6 @@ def criterion(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def update_readme(table: str) -> None:
-    readme = HERE / "README.md"
-    text = readme.read_text()
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", default="/tmp/aioblock-bench/raw-1g.raw", help="the 1 GiB test file")
@@ -207,7 +200,7 @@ def main() -> int:
         for key, prof in data["profile"].items():
             print(f"profile {key}: " + ", ".join(f"{k} {v:.2f} us" for k, v in prof["layer_cost_us"].items()))
     if args.update_readme:
-        update_readme(table)
+        update_readme_section(README_START, README_END, table)
     print(f"results: {out}")
     return 0
 

@@ -70,8 +70,10 @@ DEFAULT_L2_CACHE_MAX = 32 << 20
 DEFAULT_SLICE = 4096
 DEFAULT_REFCOUNT_CLUSTERS = 4
 DEFAULT_CLEAN_INTERVAL = 600.0
-#: delay of the background write-back after metadata becomes dirty (batches bursts of allocations)
+#: background write-back of dirty metadata: after this long idle, at the latest FLUSH_MAX_AGE after it became
+#: dirty (the write-back holds the lock through its syncs: allocating writes wait for it)
 FLUSH_DELAY = 0.5
+FLUSH_MAX_AGE = 5.0
 
 
 @dataclass(slots=True)
@@ -222,8 +224,8 @@ class Qcow2Driver(BlockDriver):
         #: the lock-free single-cluster fast paths apply (standard L2 entries, byte-addressable file, healthy)
         self._fast_io = not self.ext_l2 and self.metaio.align == 1
         if not self.read_only:
-            self.flusher = Flusher(self.lock, self._flush_caches, delay=FLUSH_DELAY, clean_fn=self._clean_caches,
-                                   clean_interval=interval)
+            self.flusher = Flusher(self.lock, self._flush_caches, delay=FLUSH_DELAY, max_age=FLUSH_MAX_AGE,
+                                   clean_fn=self._clean_caches, clean_interval=interval)
             self.l2cache.on_dirty = self.flusher.notify
             rcache.on_dirty = self.flusher.notify
 
