@@ -947,15 +947,34 @@ class Qcow2Driver(BlockDriver):
         self.l2cache.mark_dirty(s)
         return True
 
-    async def _free_entry(self, entry: int) -> None:
-        """Drop the reference an (old) L2 entry held (lock held)."""
+    async def _free_entry(self, entry: int, freed: list[int] | None = None) -> None:
+        """Drop the reference an (old) L2 entry held (lock held); ``freed`` gets the clusters freed."""
+        self.file.event("cluster_free")
         if entry & OFLAG_COMPRESSED:
             coff, clen = L.compressed_descriptor(entry, self.cluster_bits)
-            await self.refcounts.update(coff, clen, -1)
+            await self.refcounts.update(coff, clen, -1, freed=freed)
             return
         host = entry & L.L2E_OFFSET_MASK
         if host:
-            await self.refcounts.update(host, self.cs, -1)
+            await self.refcounts.update(host, self.cs, -1, freed=freed)
+
+    async def _punch(self, clusters: list[int]) -> None:
+        """Give the host file back the space of clusters a guest discard freed (QEMU's pass-discard-request).
+
+        Lock held: the clusters are free but not reusable before the next metadata flush, which needs the lock,
+        so nothing can be written to them meanwhile. If the freeing metadata does not reach the disk (a crash),
+        the old mapping reads zeroes: what a discard or an unmapping write-zeroes allows. Clusters freed for
+        other reasons (a copy-on-write replacing one) are not punched: their old mapping must keep its data
+        until the new one is durable."""
+        cb = self.cluster_bits
+        clusters.sort()
+        i = 0
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+                j += 1
+            await self.file.pdiscard(clusters[i] << cb, (j - i) << cb)
+            i = j
 
     # ---- zeroes, discard, compressed writes -------------------------------------------------------------
 
@@ -1087,8 +1106,10 @@ class Qcow2Driver(BlockDriver):
                     self.l2cache.mark_dirty(s)
                 finally:
                     self.l2cache.put(s)
+                released: list[int] = []
                 for e in freed:
-                    await self._free_entry(e)
+                    await self._free_entry(e, released)
+                await self._punch(released)
         for lo, hi in fallback:
             await self._zero_partial(lo, hi, unmap, force=True)
         return True

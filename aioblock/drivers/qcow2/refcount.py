@@ -108,10 +108,12 @@ class Refcounts:
 
     # ---- updating ------------------------------------------------------------------------------------------
 
-    async def update(self, offset: int, length: int, delta: int, *, busy: range | None = None) -> None:
+    async def update(self, offset: int, length: int, delta: int, *, busy: range | None = None,
+                     freed: list[int] | None = None) -> None:
         """Add ``delta`` to the refcount of every cluster touching ``[offset, offset+length)``.
 
-        ``busy``: clusters being allocated by the caller (a new refcount block must not land on them)."""
+        ``busy``: clusters being allocated by the caller (a new refcount block must not land on them).
+        ``freed``: gets the clusters whose refcount dropped to 0."""
         if length <= 0:
             return
         first = offset >> self.cluster_bits
@@ -140,6 +142,8 @@ class Refcounts:
                     set_refcount(s.data, idx, self.order, new)
                     if new == 0:
                         self.pending_free.add(cc)
+                        if freed is not None:
+                            freed.append(cc)
                         if self.free_byte_offset >> self.cluster_bits == cc:
                             self.free_byte_offset = 0          # never pack into a cluster that may be reused
                 self.cache.mark_dirty(s)
