@@ -25,6 +25,7 @@ from typing import Any
 from .driver import BlockDriver, CheckResult
 from .errors import ClosedError, NotSupportedError, OutOfRangeError, ReadOnlyError
 from .node import close_graph, resolve_backing_name
+from .tracking import RangeTracker
 
 __all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStatistics"]
 
@@ -140,20 +141,10 @@ class ImageInfo:
         return out
 
 
-class _Tracked:
-    """An in-flight request's aligned range (only kept when the root node needs alignment)."""
-
-    __slots__ = ("done", "end", "serialising", "start")
-
-    def __init__(self, start: int, end: int, serialising: bool) -> None:
-        self.start, self.end, self.serialising = start, end, serialising
-        self.done = asyncio.Event()
-
-
 class BlockBackend:
     """A disk: the root node of a graph plus the generic request layer. Create with ``aioblock.open``.
 
-    State: ``_in_flight``/``_idle`` (drain), ``_tracked`` (RMW serialisation) and the statistics are touched
+    State: ``_in_flight``/``_idle`` (drain), ``_tracker`` (RMW serialisation) and the statistics are touched
     only from the event loop, between awaits: no lock is needed.
     """
 
@@ -168,7 +159,7 @@ class BlockBackend:
         self._max_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tracked: list[_Tracked] = []
+        self._tracker = RangeTracker()
         self._closing = False
         self._closed = False
         self._closed_event = asyncio.Event()
@@ -221,23 +212,6 @@ class BlockBackend:
         if not n:
             self._idle.set()
 
-    async def _track(self, start: int, end: int, serialising: bool) -> _Tracked:
-        """Register an aligned range; wait for the earlier overlapping requests it must not overtake."""
-        earlier = [t for t in self._tracked if t.start < end and start < t.end and (serialising or t.serialising)]
-        me = _Tracked(start, end, serialising)
-        self._tracked.append(me)
-        try:
-            for other in earlier:
-                await other.done.wait()
-        except BaseException:
-            self._untrack(me)
-            raise
-        return me
-
-    def _untrack(self, me: _Tracked) -> None:
-        self._tracked.remove(me)
-        me.done.set()
-
     # ---- reads ----------------------------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -265,7 +239,7 @@ class BlockBackend:
                         await self._split_read(offset, buf)
                 else:
                     start, end = offset // a * a, -(-(offset + length) // a) * a
-                    me = await self._track(start, end, False)
+                    me = await self._tracker.track(start, end, False)
                     try:
                         if start == offset and end == offset + length:
                             await self._split_read(offset, buf)
@@ -274,7 +248,7 @@ class BlockBackend:
                             await self._split_read(start, memoryview(bounce))
                             buf[:] = memoryview(bounce)[offset - start:offset - start + length]
                     finally:
-                        self._untrack(me)
+                        self._tracker.untrack(me)
             failed = False
         finally:
             self._end("read", length, t0, failed)
@@ -312,7 +286,7 @@ class BlockBackend:
         a, length = self._align, len(buf)
         start, end = offset // a * a, -(-(offset + length) // a) * a
         rmw = start != offset or end != offset + length
-        me = await self._track(start, end, rmw)
+        me = await self._tracker.track(start, end, rmw)
         try:
             if not rmw:
                 await self._split_write(offset, buf, fua)
@@ -325,7 +299,7 @@ class BlockBackend:
             view[offset - start:offset - start + length] = buf
             await self._split_write(start, view, fua)
         finally:
-            self._untrack(me)
+            self._tracker.untrack(me)
 
     async def _split_write(self, offset: int, buf: memoryview, fua: bool) -> None:
         if len(buf) <= self._max:
@@ -353,7 +327,7 @@ class BlockBackend:
             self._end("write_zeroes", length, t0, failed)
 
     async def _zero_aligned(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
-        me = await self._track(offset, offset + length, False) if self._align > 1 else None
+        me = await self._tracker.track(offset, offset + length, False) if self._align > 1 else None
         try:
             try:
                 await self.root.pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
@@ -366,7 +340,7 @@ class BlockBackend:
                 await self.root.pwrite(offset + pos, zeroes[:n], fua=fua)
         finally:
             if me is not None:
-                self._untrack(me)
+                self._tracker.untrack(me)
 
     async def write_compressed(self, offset: int, data: Any) -> None:
         """Write whole clusters compressed (formats with compression only; NotSupportedError otherwise)."""
@@ -387,12 +361,13 @@ class BlockBackend:
         try:
             if length:
                 a = self._align
-                me = await self._track(offset // a * a, -(-(offset + length) // a) * a, False) if a > 1 else None
+                me = (await self._tracker.track(offset // a * a, -(-(offset + length) // a) * a, False)
+                      if a > 1 else None)
                 try:
                     await self.root.pdiscard(offset, length)
                 finally:
                     if me is not None:
-                        self._untrack(me)
+                        self._tracker.untrack(me)
             failed = False
         finally:
             self._end("discard", length, t0, failed)

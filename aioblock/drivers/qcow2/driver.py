@@ -973,7 +973,7 @@ class Qcow2Driver(BlockDriver):
             j = i + 1
             while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
                 j += 1
-            await self.file.pdiscard(clusters[i] << cb, (j - i) << cb)
+            await self.metaio.discard(clusters[i] << cb, (j - i) << cb)
             i = j
 
     # ---- zeroes, discard, compressed writes -------------------------------------------------------------
