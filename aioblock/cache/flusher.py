@@ -36,17 +36,17 @@ class Flusher:
 
     ``flush_fn``: the owner's full ordered write-back; the flusher holds ``lock`` (the owner's metadata lock)
     around each call. ``delay``: idle seconds (no ``notify``) before the flush; ``max_age``: seconds from the
-    first ``notify`` after which the flush comes even if notifies go on (default ``10 * delay``). ``clean_fn``: called
-    synchronously, with no lock, every ``clean_interval`` seconds when that is > 0 (qcow2's
+    first ``notify`` after which the flush comes even if notifies go on (default ``10 * delay``).
+    ``clean_fn``: called synchronously, with no lock, every ``clean_interval`` seconds when that is > 0 (qcow2's
     cache-clean-interval: e.g. ``SliceCache.shrink_idle`` of each cache); then the flusher must be created in
     the running loop.
 
     State (touched only from the loop's thread; no lock needed since nothing here suspends between a check
-    and its update): ``_timer`` the pending delayed flush, armed at loop time ``_since``; ``_active`` a notify
-    came since the timer was (re-)armed; ``_task`` the flush task while it runs, waiting for
-    the lock or flushing; ``_flushing`` True while ``flush_fn`` runs (the task must not be cancelled then);
-    ``_again`` a delay ran out while the task was flushing: flush once more right after. ``runs``: calls of
-    ``flush_fn`` completed by the background task, successful or not.
+    and its update): ``_timer`` the pending delayed flush, first armed at loop time ``_since`` (for
+    ``max_age``); ``_active`` a notify came since the timer was (re-)armed; ``_task`` the flush task while it
+    runs, waiting for the lock or flushing; ``_flushing`` True while ``flush_fn`` runs (the task must not be
+    cancelled then); ``_again`` a delay ran out while the task was flushing: flush once more right after.
+    ``runs``: calls of ``flush_fn`` completed by the background task, successful or not.
     """
 
     def __init__(self, lock: asyncio.Lock, flush_fn: Callable[[], Awaitable[None]], *, delay: float = 0.5,
