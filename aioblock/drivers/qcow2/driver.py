@@ -788,7 +788,7 @@ class Qcow2Driver(BlockDriver):
             await self._make_dirty_if_lazy()
             self.file.event("cluster_alloc")
             host, new = await self.refcounts.alloc(k), True
-        return self._in_flight(gc, k, host, new, region, bits, old)
+        return self._register_alloc(gc, k, host, new, region, bits, old)
 
     def _start_alloc_now(self, data: bytearray, guest: int, length: int) -> _Alloc | None:
         """``_start_alloc`` in one synchronous step for the common case; None when the slow path is needed.
@@ -815,9 +815,9 @@ class Qcow2Driver(BlockDriver):
         if host is None:
             return None
         self.file.event("cluster_alloc")
-        return self._in_flight(gc, k, host, True, (gc << cb, (gc + k) << cb), [], old)
+        return self._register_alloc(gc, k, host, True, (gc << cb, (gc + k) << cb), [], old)
 
-    def _in_flight(self, gc: int, k: int, host: int, new: bool, region: tuple[int, int], bits: list[int],
+    def _register_alloc(self, gc: int, k: int, host: int, new: bool, region: tuple[int, int], bits: list[int],
                    old: list[tuple[int, int]]) -> _Alloc:
         """Register an allocation of guest clusters ``[gc, gc+k)`` as in flight."""
         # New clusters past the end of the file have never been written (only their owner will write them,
