@@ -818,7 +818,7 @@ class Qcow2Driver(BlockDriver):
         return self._register_alloc(gc, k, host, True, (gc << cb, (gc + k) << cb), [], old)
 
     def _register_alloc(self, gc: int, k: int, host: int, new: bool, region: tuple[int, int], bits: list[int],
-                   old: list[tuple[int, int]]) -> _Alloc:
+                        old: list[tuple[int, int]]) -> _Alloc:
         """Register an allocation of guest clusters ``[gc, gc+k)`` as in flight."""
         # New clusters past the end of the file have never been written (only their owner will write them,
         # and I/O to a cluster finishes before it can be freed): they read as zeroes, so when what they
