@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InvalidOptionError
 
-__all__ = ["dump_json", "parse_options"]
+__all__ = ["dump_json", "parse_options", "qdict_order"]
 
 
 def parse_options(specs: list[str] | None) -> dict[str, str]:
@@ -25,5 +25,28 @@ def parse_options(specs: list[str] | None) -> dict[str, str]:
 
 
 def dump_json(value: Any) -> str:
-    """JSON as qemu-img prints it: 4-space indent."""
-    return json.dumps(value, indent=4)
+    """JSON as qemu-img prints its QAPI objects (``info``, ``check``): 4-space indent, keys in QDict order."""
+    return json.dumps(qdict_order(value), indent=4)
+
+
+def qdict_order(value: Any) -> Any:
+    """``value`` with the keys of every object in the order qemu-img prints them.
+
+    qemu-img turns its QAPI objects into a QDict, a hash table of 512 buckets, and prints the buckets in order,
+    the key added last first within one (none of the keys it prints share a bucket). The hash is TDB's string
+    hash; this reproduces the order of qemu-img 7.2's ``info`` and ``check`` output key for key."""
+    if isinstance(value, dict):
+        keys = list(value)
+        rank = {k: i for i, k in enumerate(keys)}
+        keys.sort(key=lambda k: (_qdict_bucket(k), -rank[k]))
+        return {k: qdict_order(value[k]) for k in keys}
+    if isinstance(value, list):
+        return [qdict_order(v) for v in value]
+    return value
+
+
+def _qdict_bucket(key: str) -> int:
+    h = 0x238F13AF * len(key) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        h = h + (c << (i * 5 % 24)) & 0xFFFFFFFF
+    return (1103515243 * h + 12345) % (1 << 32) % 512

@@ -414,3 +414,30 @@ def test_discards_give_the_space_back_like_qemu(tmp_path: Path, opts: str) -> No
     ours_size, theirs_size = ours.stat().st_blocks * 512, theirs.stat().st_blocks * 512
     assert abs(ours_size - theirs_size) <= 64 << 10, (ours_size, theirs_size)
     assert ours_size < full - 7 * (1 << 20), (full, ours_size)      # 8 MiB given back (v2 keeps zero writes' too)
+
+
+def test_json_output_is_qemu_img_text_exactly(tmp_path: Path) -> None:
+    """``info``/``check --output json`` print the same text as qemu-img, key order included (qemu-img prints
+    QDict hash order): a chain over raw, snapshots, compressed clusters, leaked and overcounted clusters."""
+    base, top, snap = tmp_path / "base.raw", tmp_path / "top.qcow2", tmp_path / "snap.qcow2"
+    qemu_img("create", "-q", "-f", "raw", str(base), "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
+    assert qemu_io(top, "write -P 1 0 1M", "write -c -P 2 2M 64k", fmt="qcow2").returncode == 0
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(snap), "16M")
+    assert qemu_io(snap, "write -P 1 0 1M", fmt="qcow2").returncode == 0
+    qemu_img("snapshot", "-c", "s1", str(snap))
+    leak = tmp_path / "leak.qcow2"
+    leak.write_bytes(snap.read_bytes())
+    with leak.open("r+b") as f:                        # cluster 200 leaked, cluster 3 overcounted
+        f.seek(48)
+        f.seek(int.from_bytes(f.read(8), "big"))
+        f.seek(int.from_bytes(f.read(8), "big") + 2 * 200)
+        f.write((1).to_bytes(2, "big"))
+        f.seek(-2 * 198, 1)
+        f.write((5).to_bytes(2, "big"))
+    for args in (["info", "--output", "json", "--backing-chain", str(top)], ["info", "--output", "json", str(snap)],
+                 ["check", "--output", "json", str(top)], ["check", "--output", "json", str(leak)]):
+        theirs = qemu_img(*args, check=False)
+        ours = aioblock_cli(*args)
+        assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), \
+            _text_diff(theirs.stdout, ours.stdout)
