@@ -34,7 +34,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-m", dest="parallel", type=int, default=8, help="concurrent requests (default 8)")
     p.add_argument("-S", dest="sparse", default="4k", help="minimum zero run left unallocated (default 4k)")
-    p.add_argument("-W", dest="out_of_order", action="store_true", help="accepted; writes are always unordered")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="allow out-of-order writes (default: in order, as qemu-img)")
     p.add_argument("-t", dest="cache", default="writeback", help="target cache mode (writeback|none)")
     p.add_argument("-T", dest="src_cache", default="writeback", help="source cache mode (writeback|none)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
@@ -55,36 +56,55 @@ async def run(args: argparse.Namespace) -> int:
         await api.create(args.target, args.out_fmt, src.size, options=options)
         async with api.open(args.target, args.out_fmt, cache=args.cache) as dst:
             await convert(src, dst, parallel=args.parallel, sparse=sparse, compress=args.compress,
-                          progress=args.progress and not args.quiet)
+                          in_order=not args.out_of_order, progress=args.progress and not args.quiet)
+            if args.compress:
+                await dst.write_compressed(0, b"")     # end of the compressed stream (qemu-img sends it too)
             await dst.flush()
     return 0
 
 
 async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sparse: int = 4096,
-                  compress: bool = False, progress: bool = False) -> None:
-    """Copy ``src`` into the freshly created (zero-reading) ``dst``."""
+                  compress: bool = False, in_order: bool = True, progress: bool = False) -> None:
+    """Copy ``src`` into the freshly created (zero-reading) ``dst``.
+
+    ``parallel`` jobs read at once; with ``in_order`` (qemu-img's default) each job writes only after the job
+    before it has written, so that the target's clusters are allocated in guest order, as qemu-img lays them
+    out (compressed clusters packed one after the other, incompressible ones contiguous)."""
     chunk = CHUNK
     cluster = dst.root.cluster_size or 65536
     if compress:
         chunk = max(cluster, CHUNK // cluster * cluster)
-    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=parallel * 2)
+    queue: asyncio.Queue[tuple[int, int, int] | None] = asyncio.Queue(maxsize=parallel * 2)
+    written = 0                                # with in_order: jobs below this number have written
+    turn = asyncio.Condition()
     bar = tqdm(total=src.size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stdout,
                disable=not progress, leave=True, desc="converting")
 
+    async def my_turn(seq: int) -> None:
+        async with turn:
+            await turn.wait_for(lambda: written == seq)
+
     async def worker() -> None:
+        nonlocal written
         while (job := await queue.get()) is not None:
-            offset, length = job
+            seq, offset, length = job
             data = await src.read(offset, length)
+            if in_order:
+                await my_turn(seq)
             if compress:
                 await _write_compressed(dst, offset, data)
             else:
                 await _write_sparse(dst, offset, data, sparse)
+            if in_order:
+                async with turn:
+                    written += 1
+                    turn.notify_all()
             bar.update(length)
 
     unit = cluster if compress else 1      # compressed writes take whole clusters: keep jobs aligned to them
 
     async def produce() -> None:
-        pos = 0
+        pos = seq = 0
         while pos < src.size:
             st = await src.block_status(pos, min(src.size - pos, chunk))
             if st.zero and not st.data and st.length >= unit:
@@ -92,7 +112,8 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
                 bar.update(n)
             else:
                 n = min(src.size - pos, -(-st.length // unit) * unit)
-                await queue.put((pos, n))
+                await queue.put((seq, pos, n))
+                seq += 1
             pos += n
 
     try:

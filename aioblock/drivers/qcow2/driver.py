@@ -1154,7 +1154,16 @@ class Qcow2Driver(BlockDriver):
             _Q.pack_into(data, idx * 8, value[0])
 
     async def pwrite_compressed(self, offset: int, buf: memoryview) -> None:
+        """Write whole clusters compressed. An empty write ends a stream of them, as in QEMU (``qemu-img convert
+        -c`` sends one last): the file is extended to a whole number of sectors, compressed data having left
+        it at any byte."""
         self._check_usable(True)
+        if not buf:
+            async with self.lock:
+                if not self._inflight:         # nothing else can be extending the file: the size is exact
+                    with contextlib.suppress(NotSupportedError):
+                        await self.file.truncate(self.file.size)
+            return
         cs = self.cs
         if offset % cs or (len(buf) % cs and offset + len(buf) != self.size):
             raise BlockIOError(errno.EINVAL, "compressed writes must be whole clusters", filename=self.filename)

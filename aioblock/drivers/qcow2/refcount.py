@@ -227,19 +227,25 @@ class Refcounts:
         self.free_hint = start + n if first_free == start else first_free
 
     async def alloc_bytes(self, size: int) -> int:
-        """Space for ``size`` bytes of compressed data, packed after the previous compressed cluster when it
-        fits in the same host cluster and that cluster's refcount (one per compressed cluster in it) can grow."""
-        cs = self.cluster_size
+        """Space for ``size`` (< one cluster) bytes of compressed data, packed as QEMU packs it: right after the
+        previous compressed data while its host cluster's refcount (one per compressed cluster touching it) can
+        grow, running on into the next cluster when that one is the next free cluster; otherwise at the start
+        of a new cluster. Every cluster the bytes touch gets one more reference. Unlike QEMU, never after data
+        in a cluster freed since (``update`` forgets ``free_byte_offset`` then): it may be reused."""
+        cs, cb = self.cluster_size, self.cluster_bits
         off = self.free_byte_offset
-        if off and off % cs and off % cs + size <= cs and 0 < await self.get(off >> self.cluster_bits) < \
-                self.max_refcount:
-            await self.update(off, 1, 1)
-            self.free_byte_offset = off + size
-            return off
-        n = -(-size // cs)
-        start = await self.alloc(n)
-        self.free_byte_offset = start + size
-        return start
+        if off and not 0 < await self.get(off >> cb) < self.max_refcount:
+            off = 0
+        room = cs - off % cs if off else 0
+        if room < size:
+            new = await self.find_free(1)
+            if not off or -(-off // cs) != new:
+                off = new << cb
+        first, last = off >> cb, (off + size - 1) >> cb
+        await self.update(off, size, 1, busy=range(first, last + 1))
+        self.end_cluster = max(self.end_cluster, last + 1)
+        self.free_byte_offset = off + size if (off + size) % cs else 0
+        return off
 
     def forget_pending(self) -> None:
         """After a full metadata flush: clusters freed before it are reusable."""
