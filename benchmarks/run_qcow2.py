@@ -14,11 +14,11 @@ Workloads (the same ``-c/-d/-s/-S`` for every tool; page cache hot; default cach
   the L2 cache is capped at its default 32 MiB, so RSS growth must stay within that plus a small constant.
 
 Tools: ``qemu-img bench`` with its default aio (thread pool) and with ``-i io_uring``; ``aioblock bench`` with
-its defaults (uring engine, uvloop). Each measurement is repeated (``--repeat``, default 3), interleaved; the
+its defaults (uring engine, uvloop). Each measurement is repeated (``--repeat``, default 5), interleaved; the
 median is kept. Results go to ``benchmarks/results/qcow2-<date>.json``; ``--update-readme`` rewrites the table
 in ``benchmarks/README.md``.
 
-Usage: ``python benchmarks/run_qcow2.py [--repeat 3] [--dir DIR] [--update-readme]``
+Usage: ``python benchmarks/run_qcow2.py [--repeat 5] [--dir DIR] [--update-readme]``
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def criterion(data: dict[str, Any]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/aioblock-bench", help="where the test images go")
-    ap.add_argument("-r", "--repeat", type=int, default=3)
+    ap.add_argument("-r", "--repeat", type=int, default=5)
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of workloads")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1 TiB memory workload")
     ap.add_argument("--out", help="JSON output (default: benchmarks/results/qcow2-<date>.json)")
