@@ -11,17 +11,24 @@ Generic request work is done here once for every driver:
 * in-flight accounting for ``drain`` and ``close``, and per-operation statistics.
 
 Concurrency: any number of tasks may call any request method at once. ``truncate`` and ``close`` drain first.
-Cancelling a caller cancels its request; an interrupted write may have written part of its data.
+
+Cancellation follows :mod:`aioblock.cancellation`: each request runs in a scope; a request cancelled before it
+changed anything raises at once, a committed one completes first (a write is then wholly written), and either
+way it stays in flight (``drain``) until the engines have finished its I/O. Cancellations are counted apart
+from errors. ``close`` cancelled while draining leaves the disk open; after that it runs to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from . import cancellation
+from .cancellation import CancelledError
 from .driver import BlockDriver, CheckResult
 from .errors import ClosedError, NotSupportedError, OutOfRangeError, ReadOnlyError
 from .node import close_graph, resolve_backing_name
@@ -32,6 +39,9 @@ __all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStat
 _ZERO_CHUNK = 1 << 20
 _OPS = ("read", "write", "write_zeroes", "discard", "flush")
 _now_ns = time.perf_counter_ns
+#: outcomes of a request, for the statistics
+_OK, _ERROR, _CANCELLED = 0, 1, 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +79,15 @@ class MapEntry:
 
 @dataclass(frozen=True, slots=True)
 class OpStatistics:
-    """Counters of one request type: completed ops, bytes, failures, and latency in nanoseconds."""
+    """Counters of one request type: completed ops and their bytes and latency (nanoseconds), failures, and
+    cancelled requests (counted apart: a cancellation is the caller's choice, not an error)."""
 
     ops: int = 0
     bytes: int = 0
     errors: int = 0
     total_ns: int = 0
     max_ns: int = 0
+    cancelled: int = 0
 
     @property
     def mean_latency_ns(self) -> float:
@@ -93,6 +105,8 @@ class BackendStatistics:
     flush: OpStatistics
     in_flight: int
     max_in_flight: int
+    #: the root node's own counters (qcow2: metadata caches, the allocating-write queue, the metadata lock)
+    driver: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -162,8 +176,9 @@ class BlockBackend:
         self._tracker = RangeTracker()
         self._closing = False
         self._closed = False
-        self._closed_event = asyncio.Event()
-        self._stats: dict[str, list[int]] = {op: [0, 0, 0, 0, 0] for op in _OPS}
+        self._close_lock = asyncio.Lock()
+        #: per op: ops, bytes, errors, total_ns, max_ns, cancelled (OpStatistics' fields)
+        self._stats: dict[str, list[int]] = {op: [0, 0, 0, 0, 0, 0] for op in _OPS}
 
     # ---- properties -----------------------------------------------------------------------------------------
 
@@ -176,9 +191,20 @@ class BlockBackend:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def cluster_size(self) -> int | None:
+        """The format's allocation unit (None for formats without one, such as raw)."""
+        return self.root.cluster_size
+
+    @property
+    def vm_state_offset(self) -> int:
+        """Where the format keeps internal snapshots' VM state (qemu-io's ``info``; 0 if it has none)."""
+        return self.root.vm_state_offset
+
     def statistics(self) -> BackendStatistics:
         ops = {op: OpStatistics(*values) for op, values in self._stats.items()}
-        return BackendStatistics(**ops, in_flight=self._in_flight, max_in_flight=self._max_in_flight)
+        return BackendStatistics(**ops, in_flight=self._in_flight, max_in_flight=self._max_in_flight,
+                                 driver=self.root.statistics())
 
     # ---- request bookkeeping --------------------------------------------------------------------------------
 
@@ -197,20 +223,38 @@ class BlockBackend:
             self._idle.clear()
         return _now_ns()
 
-    def _end(self, op: str, nbytes: int, start_ns: int, failed: bool) -> None:
-        elapsed = _now_ns() - start_ns
+    def _end(self, op: str, nbytes: int, start_ns: int, outcome: int) -> None:
         s = self._stats[op]
-        if failed:
-            s[2] += 1
-        else:
+        if outcome == _OK:
+            elapsed = _now_ns() - start_ns
             s[0] += 1
             s[1] += nbytes
-        s[3] += elapsed
-        if elapsed > s[4]:
-            s[4] = elapsed
+            s[3] += elapsed
+            if elapsed > s[4]:
+                s[4] = elapsed
+        elif outcome == _ERROR:
+            s[2] += 1
+        else:
+            s[5] += 1
         n = self._in_flight = self._in_flight - 1
         if not n:
             self._idle.set()
+
+    async def _request(self, op: str, offset: int, length: int, write: bool,
+                       fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one request ``fn()`` in a cancellation scope, with the bookkeeping (``read``/``write`` do the
+        same inline: they are the hot path)."""
+        t0 = self._begin(offset, length, write=write)
+        scope, token = cancellation.enter()
+        try:
+            result = await fn()
+        except BaseException as exc:
+            self._end(op, length, t0, _CANCELLED if scope.cancelled or isinstance(exc, CancelledError) else _ERROR)
+            cancellation.leave(scope, token)
+            raise
+        self._end(op, length, t0, _CANCELLED if scope.cancelled else _OK)
+        cancellation.leave(scope, token)
+        return result
 
     # ---- reads ----------------------------------------------------------------------------------------------
 
@@ -228,7 +272,6 @@ class BlockBackend:
         buf = memoryview(buffer).cast("B")
         length = len(buf)
         t0 = self._begin(offset, length, write=False)
-        failed = True
         try:
             if length:
                 a = self._align
@@ -249,9 +292,10 @@ class BlockBackend:
                             buf[:] = memoryview(bounce)[offset - start:offset - start + length]
                     finally:
                         self._tracker.untrack(me)
-            failed = False
-        finally:
-            self._end("read", length, t0, failed)
+        except BaseException as exc:
+            self._end("read", length, t0, _CANCELLED if isinstance(exc, CancelledError) else _ERROR)
+            raise
+        self._end("read", length, t0, _OK)
 
     async def _split_read(self, offset: int, buf: memoryview) -> None:
         if len(buf) <= self._max:
@@ -267,7 +311,7 @@ class BlockBackend:
         buf = memoryview(data).cast("B")
         length = len(buf)
         t0 = self._begin(offset, length, write=True)
-        failed = True
+        scope, token = cancellation.enter()
         try:
             if length:
                 a = self._align
@@ -278,9 +322,13 @@ class BlockBackend:
                         await self._split_write(offset, buf, fua)
                 else:
                     await self._aligned_write(offset, buf, fua)
-            failed = False
-        finally:
-            self._end("write", length, t0, failed)
+        except BaseException as exc:
+            self._end("write", length, t0, _CANCELLED if scope.cancelled or isinstance(exc, CancelledError)
+                      else _ERROR)
+            cancellation.leave(scope, token)
+            raise
+        self._end("write", length, t0, _CANCELLED if scope.cancelled else _OK)
+        cancellation.leave(scope, token)
 
     async def _aligned_write(self, offset: int, buf: memoryview, fua: bool) -> None:
         a, length = self._align, len(buf)
@@ -310,9 +358,7 @@ class BlockBackend:
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False) -> None:
         """Make the range read as zeroes; with ``may_unmap`` it may also be deallocated."""
-        t0 = self._begin(offset, length, write=True)
-        failed = True
-        try:
+        async def run() -> None:
             a = self._align
             head_end = min(-(-offset // a) * a, offset + length)
             tail_start = max((offset + length) // a * a, head_end)
@@ -322,9 +368,7 @@ class BlockBackend:
                 await self._zero_aligned(head_end, tail_start - head_end, may_unmap, fua)
             if offset + length > tail_start and tail_start >= head_end:
                 await self._aligned_write(tail_start, memoryview(bytes(offset + length - tail_start)), fua)
-            failed = False
-        finally:
-            self._end("write_zeroes", length, t0, failed)
+        await self._request("write_zeroes", offset, length, True, run)
 
     async def _zero_aligned(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         me = await self._tracker.track(offset, offset + length, False) if self._align > 1 else None
@@ -345,43 +389,30 @@ class BlockBackend:
     async def write_compressed(self, offset: int, data: Any) -> None:
         """Write whole clusters compressed (formats with compression only; NotSupportedError otherwise)."""
         buf = memoryview(data).cast("B")
-        t0 = self._begin(offset, len(buf), write=True)
-        failed = True
-        try:
-            await self.root.pwrite_compressed(offset, buf)
-            failed = False
-        finally:
-            self._end("write", len(buf), t0, failed)
+        await self._request("write", offset, len(buf), True, lambda: self.root.pwrite_compressed(offset, buf))
 
     async def discard(self, offset: int, length: int) -> None:
         """Tell the image the range is unused. The whole range goes to the driver, which discards what its
         granularity allows (raw punches exactly these bytes, as QEMU's file protocol does)."""
-        t0 = self._begin(offset, length, write=True)
-        failed = True
-        try:
-            if length:
-                a = self._align
-                me = (await self._tracker.track(offset // a * a, -(-(offset + length) // a) * a, False)
-                      if a > 1 else None)
-                try:
-                    await self.root.pdiscard(offset, length)
-                finally:
-                    if me is not None:
-                        self._tracker.untrack(me)
-            failed = False
-        finally:
-            self._end("discard", length, t0, failed)
+        async def run() -> None:
+            if not length:
+                return
+            a = self._align
+            me = (await self._tracker.track(offset // a * a, -(-(offset + length) // a) * a, False)
+                  if a > 1 else None)
+            try:
+                await self.root.pdiscard(offset, length)
+            finally:
+                if me is not None:
+                    self._tracker.untrack(me)
+        await self._request("discard", offset, length, True, run)
 
     async def flush(self) -> None:
         """Make every write completed so far durable (data and metadata)."""
-        t0 = self._begin(0, 0, write=False)
-        failed = True
-        try:
-            if not self.read_only:
-                await self.root.flush()
-            failed = False
-        finally:
-            self._end("flush", 0, t0, failed)
+        if self.read_only:
+            self._end("flush", 0, self._begin(0, 0, write=False), _OK)
+            return
+        await self._request("flush", 0, 0, False, self.root.flush)
 
     # ---- block status ---------------------------------------------------------------------------------------
 
@@ -466,19 +497,33 @@ class BlockBackend:
         return result
 
     async def close(self) -> None:
-        """Drain, flush and close every node. Idempotent; closes even when the final flush fails."""
-        if self._closing:
-            await self._closed_event.wait()
-            return
-        self._closing = True
-        try:
-            await self.drain()
-        finally:
+        """Drain, flush and close every node. Idempotent; closes even when the final flush fails (then that
+        error is raised). New requests are refused from the start.
+
+        Cancellation: cancelled while requests are still in flight, it raises and the disk stays open (and
+        accepts requests again): close it again later. Once they have drained, the flush and the closing of
+        the nodes run to their end and the cancellation is raised afterwards."""
+        async with self._close_lock:
+            if self._closed:
+                return
+            self._closing = True
+            try:
+                await self.drain()
+            except BaseException:
+                self._closing = False
+                raise
+            scope, token = cancellation.enter()
+            scope.committed = True
             try:
                 await close_graph(self.root)
             finally:
                 self._closed = True
-                self._closed_event.set()
+                cancellation.leave(scope, token)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"disk {self.filename!r} was never closed: writes the format driver still caches "
+                          "may be lost", ResourceWarning, source=self, stacklevel=1)
 
     async def __aenter__(self) -> BlockBackend:
         return self

@@ -19,8 +19,9 @@ Buffers are single ``memoryview`` objects: every frontend (Python API, NBD, ublk
 request, so a vector type would only add copies and slicing code. (DESIGN.md's ``preadv``/``pwritev`` are
 ``pread``/``pwrite`` here.)
 
-Cancellation: a cancelled ``pread`` leaves the buffer in an unspecified state; a cancelled ``pwrite`` may have
-written part of its data, but a format driver's metadata is always either all old or all new.
+Cancellation (:mod:`aioblock.cancellation`): a driver's request paths wait only through that module's
+primitives (its ``Lock``, ``wait``, ``wait_event``) and the engines, so that a request cancelled before it
+changed anything raises at once, and a committed one runs to its end; metadata is never left half updated.
 """
 
 from __future__ import annotations
@@ -224,6 +225,15 @@ class BlockDriver(abc.ABC):
     def dirty(self) -> bool:
         """Whether the image is marked dirty on disk (qemu-img info's dirty-flag)."""
         return False
+
+    @property
+    def vm_state_offset(self) -> int:
+        """Where internal snapshots' VM state is kept, in guest offsets (qemu-io's ``info``); 0 if nowhere."""
+        return 0
+
+    def statistics(self) -> dict[str, Any]:
+        """The node's own counters (metadata caches, allocations, locks), as plain data; empty if none."""
+        return {}
 
     async def actual_size(self) -> int | None:
         """Bytes the image uses on the host (qemu-img info's actual-size)."""

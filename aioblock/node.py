@@ -6,8 +6,9 @@ driver):
 * ``backing``: ``"open"`` (default) opens the backing chain; ``"ignore"`` opens the image alone (unallocated
   areas read as zeroes, QEMU's ``backing=null``); ``"deny"`` refuses any image that names a backing file, for
   untrusted images (CVE-2024-4467 class).
-* ``inject``: an :class:`aioblock.testing.faults.FaultInjector`; puts a fault-injection node between the top
-  format node and its file.
+* a *filter* option registered with ``register_filter`` (``inject``: an
+  :class:`aioblock.testing.faults.FaultInjector`, registered by that module): the filter's node goes between the
+  top format node and its file.
 * ``check``: open the top image for ``check`` (``BlockDriver.open_for_check``, QEMU's BDRV_O_CHECK).
 
 Backing files: a relative name is resolved against the directory of the image that names it; names with a
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .driver import BlockDriver
@@ -29,12 +30,21 @@ from .drivers import PROBE_BYTES, driver_class, probe_format
 from .errors import AioblockError, BackingChainError, ImageOpenError, InvalidOptionError
 from .io.file import FileNode
 
-__all__ = ["MAX_BACKING_DEPTH", "close_graph", "open_image", "resolve_backing_name"]
+__all__ = ["MAX_BACKING_DEPTH", "close_graph", "open_image", "register_filter", "resolve_backing_name"]
 
 #: Longest backing chain aioblock opens (QEMU has no fixed limit; 64 is far beyond real use).
 MAX_BACKING_DEPTH = 64
 BACKING_POLICIES = ("open", "ignore", "deny")
 _PROTOCOL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+#: graph option -> factory(file node, option value) -> filter node put between the top format node and its file
+_FILTERS: dict[str, Callable[[BlockDriver, Any], BlockDriver]] = {}
+
+
+def register_filter(option: str, factory: Callable[[BlockDriver, Any], BlockDriver]) -> None:
+    """Make ``option`` a graph option of ``open_image``: its value and the top image's file node go to
+    ``factory``, whose node is then the format node's file (e.g. ``inject`` and the fault-injection filter)."""
+    _FILTERS[option] = factory
 
 
 def resolve_backing_name(image_filename: str, backing: str) -> str:
@@ -64,14 +74,15 @@ async def open_image(filename: str, fmt: str | None = None, *, read_only: bool =
     policy = opts.pop("backing", "open")
     if policy not in BACKING_POLICIES:
         raise InvalidOptionError(f"invalid backing policy '{policy}' (choose from {', '.join(BACKING_POLICIES)})")
-    inject = opts.pop("inject", None)
+    filters = [(_FILTERS[name], opts.pop(name)) for name in list(opts) if name in _FILTERS]
     for_check = bool(opts.pop("check", False))
     return await _open_node(filename, fmt, read_only=read_only, engine=engine, cache=cache, options=opts,
-                            policy=policy, inject=inject, chain=[], for_check=for_check)
+                            policy=policy, filters=filters, chain=[], for_check=for_check)
 
 
 async def _open_node(filename: str, fmt: str | None, *, read_only: bool, engine: str | None, cache: str,
-                     options: dict[str, Any], policy: str, inject: Any, chain: list[str],
+                     options: dict[str, Any], policy: str,
+                     filters: list[tuple[Callable[[BlockDriver, Any], BlockDriver], Any]], chain: list[str],
                      for_check: bool = False) -> BlockDriver:
     real = os.path.realpath(filename)
     if real in chain:
@@ -82,9 +93,9 @@ async def _open_node(filename: str, fmt: str | None, *, read_only: bool, engine:
     node: BlockDriver | None = None
     try:
         proto: BlockDriver = file
-        if inject is not None:
-            from .testing.faults import FaultNode
-            proto = FaultNode(file, inject)
+        for factory, value in filters:
+            if value is not None:
+                proto = factory(proto, value)
         if fmt is None:
             head = bytearray(min(PROBE_BYTES, file.size))
             if head:
@@ -103,7 +114,7 @@ async def _open_node(filename: str, fmt: str | None, *, read_only: bool, engine:
             path = resolve_backing_name(filename, node.backing_filename)
             try:
                 node.backing = await _open_node(path, node.backing_format, read_only=True, engine=engine,
-                                                cache=cache, options={}, policy=policy, inject=None,
+                                                cache=cache, options={}, policy=policy, filters=[],
                                                 chain=[*chain, real])
             except ImageOpenError as exc:
                 raise BackingChainError(f"Could not open backing file: {exc.message}") from None

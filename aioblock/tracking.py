@@ -8,11 +8,15 @@ every earlier overlapping request, and every later overlapping request waits for
 that overlap only each other do not wait (they are the caller's own overlap, ordered by the caller).
 
 State is touched only from the event loop, between awaits: no lock. The list is short (requests in flight).
+Waiting to be admitted is a wait with nothing changed (:mod:`aioblock.cancellation`): an uncommitted request
+cancelled there is untracked and raises; a committed one goes on waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+
+from . import cancellation
 
 __all__ = ["RangeTracker", "TrackedRange"]
 
@@ -41,7 +45,7 @@ class RangeTracker:
         self._tracked.append(me)
         try:
             for other in earlier:
-                await other.done.wait()
+                await cancellation.wait_event(other.done)
         except BaseException:
             self.untrack(me)
             raise

@@ -25,6 +25,7 @@ are retried by the next flush.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable
 
@@ -49,8 +50,8 @@ class Flusher:
     ``runs``: calls of ``flush_fn`` completed by the background task, successful or not.
     """
 
-    def __init__(self, lock: asyncio.Lock, flush_fn: Callable[[], Awaitable[None]], *, delay: float = 0.5,
-                 max_age: float | None = None, clean_fn: Callable[[], object] | None = None,
+    def __init__(self, lock: contextlib.AbstractAsyncContextManager[object], flush_fn: Callable[[], Awaitable[None]],
+                 *, delay: float = 0.5, max_age: float | None = None, clean_fn: Callable[[], object] | None = None,
                  clean_interval: float = 0.0) -> None:
         if delay < 0:
             raise ValueError(f"flush delay must not be negative, not {delay}")

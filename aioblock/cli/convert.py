@@ -71,7 +71,7 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
     before it has written, so that the target's clusters are allocated in guest order, as qemu-img lays them
     out (compressed clusters packed one after the other, incompressible ones contiguous)."""
     chunk = CHUNK
-    cluster = dst.root.cluster_size or 65536
+    cluster = dst.cluster_size or 65536
     if compress:
         chunk = max(cluster, CHUNK // cluster * cluster)
     queue: asyncio.Queue[tuple[int, int, int] | None] = asyncio.Queue(maxsize=parallel * 2)
@@ -153,7 +153,7 @@ async def _write_sparse(dst: BlockBackend, offset: int, data: bytes, sparse: int
 
 
 async def _write_compressed(dst: BlockBackend, offset: int, data: bytes) -> None:
-    cluster = dst.root.cluster_size or len(data)
+    cluster = dst.cluster_size or len(data)
     for pos in range(0, len(data), cluster):
         piece = data[pos:pos + cluster]
         if piece.strip(b"\0"):

@@ -792,9 +792,7 @@ def _length(session: Session, name: str, args: list[str]) -> bool:
 async def _info(session: Session, name: str, args: list[str]) -> bool:
     disk = session.open_disk
     info = await disk.info()
-    # No public API carries the VM state offset (formats with internal snapshots store VM state after the
-    # guest data); a node may expose it as ``vm_state_offset``. Raw has none: qemu-io prints 0.
-    vm_state = int(getattr(disk.root, "vm_state_offset", 0) or 0)
+    vm_state = disk.vm_state_offset
     out = [f"format name: {info.format}", f"cluster size: {cvtstr(info.cluster_size or 0)}",
            f"vm state offset: {cvtstr(vm_state)}"]
     if info.format_specific:

@@ -4,25 +4,32 @@ An engine performs positioned syscalls on a file descriptor for one event loop:
 
 * ``sync``: the syscalls run directly in the event loop. Fastest for page-cache-hot data and tests; a slow
   disk blocks the loop.
-* ``threads``: each syscall runs in the loop's default executor (through ``aiofiles.os.wrap``). Portable; a
-  thread hop costs ~50-130 us per request.
+* ``threads``: each syscall runs in the loop's default executor. Portable; a thread hop costs ~50-130 us per
+  request.
 * ``uring`` (:mod:`aioblock.io.uring`): io_uring; everything queued during one loop tick is submitted at once.
 
 Engines return byte counts like the syscalls (short reads at end of file are the caller's business) and raise
 ``OSError`` on failure; the file node turns those into :class:`aioblock.errors.BlockIOError`.
+
+Cancellation (:mod:`aioblock.cancellation`, rule 4): a syscall that has started is waited for even when the caller
+is cancelled, so its buffer is never touched after the engine returned; then the engine raises
+``CancelledError``, or returns the result when the request has committed (the cancellation comes at its end).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
-import aiofiles.os
+from .. import cancellation
 
-__all__ = ["ENGINES", "Engine", "SyncEngine", "ThreadsEngine", "fallocate"]
+__all__ = ["ENGINES", "Engine", "SyncEngine", "ThreadsEngine", "fallocate", "in_thread"]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -40,12 +47,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _pread(fd: int, buf: memoryview, offset: int) -> int:
-    return os.preadv(fd, [buf], offset)
-
-
-def _pwrite(fd: int, buf: memoryview, offset: int) -> int:
-    return os.pwritev(fd, [buf], offset)
+T = TypeVar("T")
 
 
 class Engine(abc.ABC):
@@ -89,26 +91,39 @@ class SyncEngine(Engine):
         fallocate(fd, mode, offset, length)
 
 
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in the loop's default executor. A cancelled caller still waits for the thread to finish
+    (the module docstring), which is why this calls ``run_in_executor`` itself instead of going through a
+    wrapper such as aiofiles': those give the caller no way to wait for a thread it stopped waiting for."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        pass
+    while not fut.done():               # still in its thread: wait until it is done with the buffer
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([fut])
+    if not cancellation.deferred():
+        raise asyncio.CancelledError
+    return fut.result()
+
+
 class ThreadsEngine(Engine):
-    """Each syscall in the loop's default thread pool (aiofiles): the loop never blocks on the disk."""
+    """Each syscall in the loop's default thread pool (``in_thread``): the loop never blocks on the disk."""
 
     name = "threads"
-    _pread = staticmethod(aiofiles.os.wrap(_pread))
-    _pwrite = staticmethod(aiofiles.os.wrap(_pwrite))
-    _fsync = staticmethod(aiofiles.os.wrap(os.fdatasync))
-    _fallocate = staticmethod(aiofiles.os.wrap(fallocate))
 
     async def pread(self, fd: int, buf: memoryview, offset: int) -> int:
-        return int(await self._pread(fd, buf, offset))
+        return await in_thread(os.preadv, fd, [buf], offset)
 
     async def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
-        return int(await self._pwrite(fd, buf, offset))
+        return await in_thread(os.pwritev, fd, [buf], offset)
 
     async def fsync(self, fd: int) -> None:
-        await self._fsync(fd)
+        await in_thread(os.fdatasync, fd)
 
     async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
-        await self._fallocate(fd, mode, offset, length)
+        await in_thread(fallocate, fd, mode, offset, length)
 
 
 #: Engine names in the order they are preferred when the default is unavailable (see README "I/O engines").

@@ -11,11 +11,15 @@ Semantics follow QEMU's file-posix driver where users can see them:
 
 ``size`` is the file's length rounded up to a whole 512-byte sector, as QEMU reports it (the tail of a partial
 last sector reads as zeroes). The length is kept in memory after open: the node is the only writer while open.
+
+Cancellation (:mod:`aioblock.cancellation`): every request that changes the file (write, write-zeroes, discard,
+truncate) commits the request it belongs to before it reaches the engine, and runs in a scope of its own when
+it belongs to none, so a cancellation never stops it between the syscall and the bookkeeping after it (the
+file's length).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno as _errno
 import mmap
 import os
@@ -23,6 +27,7 @@ import stat
 import sys
 from typing import ClassVar
 
+from .. import cancellation
 from ..driver import BlockDriver, Extent, Limits
 from ..errors import BlockIOError, ImageOpenError, InvalidOptionError, NotSupportedError, ReadOnlyError
 from .engine import (
@@ -33,6 +38,7 @@ from .engine import (
     Engine,
     SyncEngine,
     ThreadsEngine,
+    in_thread,
 )
 from .uring import UringEngine, uring_available
 
@@ -157,22 +163,27 @@ class FileNode(BlockDriver):
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
         if self.read_only:
             raise ReadOnlyError("Block node is read-only", filename=self.filename)
-        if self.direct:
-            await self._bounce_write(offset, buf)
-        else:
-            pos, end, engine, fd = 0, len(buf), self.engine, self.fd
-            while pos < end:
-                try:
-                    n = await engine.pwrite(fd, buf[pos:] if pos else buf, offset + pos)
-                except OSError as exc:
-                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-                if n == 0:
-                    raise BlockIOError(_errno.ENOSPC, filename=self.filename)
-                pos += n
-        if offset + len(buf) > self._size:
-            self._size = offset + len(buf)
-        if fua:
-            await self.flush()
+        scope, token = cancellation.enter()
+        scope.committed = True
+        try:
+            if self.direct:
+                await self._bounce_write(offset, buf)
+            else:
+                pos, end, engine, fd = 0, len(buf), self.engine, self.fd
+                while pos < end:
+                    try:
+                        n = await engine.pwrite(fd, buf[pos:] if pos else buf, offset + pos)
+                    except OSError as exc:
+                        raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+                    if n == 0:
+                        raise BlockIOError(_errno.ENOSPC, filename=self.filename)
+                    pos += n
+            if offset + len(buf) > self._size:
+                self._size = offset + len(buf)
+            if fua:
+                await self.flush()
+        finally:
+            cancellation.leave(scope, token)
 
     async def _bounce_read(self, offset: int, buf: memoryview) -> None:
         """O_DIRECT read through an aligned buffer; offset and length are aligned by the backend."""
@@ -216,19 +227,24 @@ class FileNode(BlockDriver):
         modes = [FALLOC_FL_ZERO_RANGE]
         if may_unmap and end <= self._size:
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-        for mode in modes:
-            try:
-                await self.engine.fallocate(self.fd, mode, offset, length)
-                break
-            except OSError as exc:
-                if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL):
-                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-        else:
-            raise NotSupportedError("write zeroes not supported by this filesystem")
-        if end > self._size:
-            self._size = end
-        if fua:
-            await self.flush()
+        scope, token = cancellation.enter()
+        scope.committed = True
+        try:
+            for mode in modes:
+                try:
+                    await self.engine.fallocate(self.fd, mode, offset, length)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL):
+                        raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+            else:
+                raise NotSupportedError("write zeroes not supported by this filesystem")
+            if end > self._size:
+                self._size = end
+            if fua:
+                await self.flush()
+        finally:
+            cancellation.leave(scope, token)
 
     async def pdiscard(self, offset: int, length: int) -> None:
         if self.read_only:
@@ -236,6 +252,7 @@ class FileNode(BlockDriver):
         if self.is_block_device or offset >= self._size:
             return
         length = min(length, self._size - offset)
+        cancellation.commit()
         try:
             await self.engine.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
@@ -274,11 +291,16 @@ class FileNode(BlockDriver):
             raise ReadOnlyError("Block node is read-only", filename=self.filename)
         if self.is_block_device:
             raise NotSupportedError("cannot resize a block device")
+        scope, token = cancellation.enter()
+        scope.committed = True
         try:
-            await asyncio.get_running_loop().run_in_executor(None, os.ftruncate, self.fd, size)
-        except OSError as exc:
-            raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-        self._size = size
+            try:
+                await in_thread(os.ftruncate, self.fd, size)
+            except OSError as exc:
+                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+            self._size = size
+        finally:
+            cancellation.leave(scope, token)
 
 
 def _aligned_buffer(size: int) -> memoryview:

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import cancellation
 from .engine import Engine
 
 __all__ = ["Ring", "UringEngine", "uring_available"]
@@ -279,8 +280,10 @@ class UringEngine(Engine):
     ring's eventfd becomes readable.
 
     In-flight requests are capped at the CQ size so the completion queue never overflows; more callers wait
-    in FIFO order. A caller cancelled while its request is in the kernel gets nothing back, but the buffer
-    stays pinned until the kernel is done with it.
+    in FIFO order. A caller cancelled while its request is in the kernel still waits for the kernel's
+    completion (cancellation.py, rule 4), so the buffer stays pinned and owned until then; it then raises
+    ``CancelledError``, or, inside a committed request, returns the result (the cancellation is raised at the
+    request's end).
 
     ``offload`` (for page-cache I/O): requests of ``OFFLOAD_MIN`` bytes or more are flagged IOSQE_ASYNC, so the
     kernel copies them in its io-wq workers, on other cores, instead of inline in our thread. A hot 1 MiB read
@@ -303,8 +306,9 @@ class UringEngine(Engine):
             self._ring.close()
             raise
         self._loop.add_reader(self._efd, self._on_eventfd)
-        # uid -> (future, what keeps the request's buffer pinned: a PinnedBuffer, a ctypes object or None)
-        self._pending: dict[int, tuple[asyncio.Future[int], object]] = {}
+        # uid -> [future, what keeps the request's buffer pinned (a PinnedBuffer, a ctypes object or None),
+        #         the result once the kernel completed it (None before)]
+        self._pending: dict[int, list[Any]] = {}
         self._next_id = 1
         self._limit = self._ring.cq_entries     # in-flight cap: the CQ can never overflow
         self._used = 0                          # slots taken (pending + handed to a waking waiter)
@@ -322,7 +326,11 @@ class UringEngine(Engine):
         await self._acquire(buf)
         if buf is not None:
             addr, length = buf.address, buf.length
-        res = await self._start(opcode, fd, off, addr, length, op_flags, buf)
+        entry = self._start(opcode, fd, off, addr, length, op_flags, buf)
+        try:
+            res: int = await entry[0]
+        except asyncio.CancelledError:
+            res = await self._completion(entry)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
         return res
@@ -343,26 +351,40 @@ class UringEngine(Engine):
             raise
 
     def _start(self, opcode: int, fd: int, off: int, addr: int, length: int, op_flags: int,
-               keep: object) -> asyncio.Future[int]:
-        """Fill an SQE for a request that holds a slot; the future gets the CQE's result. ``keep`` stays
-        referenced (so its buffer stays pinned) until the kernel has completed the request."""
+               keep: object) -> list[Any]:
+        """Fill an SQE for a request that holds a slot; returns its pending entry, whose future (``entry[0]``)
+        gets the CQE's result. ``keep`` stays referenced (so its buffer stays pinned) until the kernel has
+        completed the request."""
         uid = self._next_id
         self._next_id = (uid + 1) & 0xFFFFFFFFFFFFFFFF or 1
-        fut: asyncio.Future[int] = self._loop.create_future()
-        self._pending[uid] = (fut, keep)
+        entry = [self._loop.create_future(), keep, None]
+        self._pending[uid] = entry
         self._ring.prep_rw(opcode, fd, off, addr, length, op_flags, uid,
                            IOSQE_ASYNC if length >= self._offload_min else 0)
         if not self._submit_scheduled:
             self._submit_scheduled = True
             self._loop.call_soon(self._submit)
-        return fut
+        return entry
+
+    async def _completion(self, entry: list[Any]) -> int:
+        """The caller was cancelled while the kernel owns its request: wait for the completion all the same
+        (further cancellations included), then raise the cancellation or, in a committed request, defer it and
+        return the result."""
+        while entry[2] is None:
+            entry[0] = fut = self._loop.create_future()
+            with contextlib.suppress(asyncio.CancelledError, OSError):     # OSError: the ring failed (res set)
+                await fut
+        if not cancellation.deferred():
+            raise asyncio.CancelledError
+        res: int = entry[2]
+        return res
 
     async def _wait_slot(self) -> None:
         """Wait in FIFO order until a completing request hands its slot over (``_used`` stays counted)."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append(waiter)
         try:
-            await waiter
+            await cancellation.wait(waiter)
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()          # the slot was handed to us: pass it on
@@ -398,7 +420,8 @@ class UringEngine(Engine):
         entry = self._pending.pop(uid, None)
         if entry is None:
             return
-        fut, keep = entry
+        fut, keep, _ = entry
+        entry[2] = res
         if keep.__class__ is PinnedBuffer:
             keep.release()
         if self._waiters:
@@ -409,9 +432,10 @@ class UringEngine(Engine):
             fut.set_result(res)
 
     def _fail_all(self, exc: OSError) -> None:
-        for fut, _buf in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for entry in self._pending.values():
+            entry[2] = -(exc.errno or _errno.EIO)
+            if not entry[0].done():
+                entry[0].set_exception(exc)
 
     # ---- Engine ---------------------------------------------------------------------------------------------
 
@@ -429,7 +453,11 @@ class UringEngine(Engine):
             self._used += 1
         else:
             await self._acquire(keep)
-        res = await self._start(OP_READ, fd, offset, addr, length, 0, keep)
+        entry = self._start(OP_READ, fd, offset, addr, length, 0, keep)
+        try:
+            res: int = await entry[0]
+        except asyncio.CancelledError:
+            res = await self._completion(entry)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
         return res
@@ -444,7 +472,11 @@ class UringEngine(Engine):
             self._used += 1
         else:
             await self._acquire(keep)
-        res = await self._start(OP_WRITE, fd, offset, addr, length, 0, keep)
+        entry = self._start(OP_WRITE, fd, offset, addr, length, 0, keep)
+        try:
+            res: int = await entry[0]
+        except asyncio.CancelledError:
+            res = await self._completion(entry)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
         return res

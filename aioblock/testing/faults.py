@@ -56,7 +56,9 @@ Rule semantics (stated once, used by every rule kind)
   does not reach the file; the injector goes on. :class:`Crash`: the request fails with
   ``SimulatedCrashError``, does not reach the file, and the injector is *crashed*. :class:`Drop`: the
   request reports success but never reaches the file (a lost write; "modify" ops only). :class:`Pause`: the
-  request waits until its :class:`PauseHandle` releases it, then goes on.
+  request waits until its :class:`PauseHandle` releases it, then goes on. A held request that is cancelled
+  leaves the hold without reaching the file, unless the request it belongs to has committed
+  (:mod:`aioblock.cancellation`): then it stays held, and goes on when released.
 * **Crashed.** Once crashed (a crash rule fired, or :meth:`FaultInjector.crash_now`), every request through
   any node of this injector fails with SimulatedCrashError without reaching the file and without being seen
   by rules; a request that was already at the file when the crash happened fails the same way when the file
@@ -83,8 +85,10 @@ from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
+from .. import cancellation
 from ..driver import BlockDriver, Extent
 from ..errors import InjectedFaultError, SimulatedCrashError
+from ..node import register_filter
 
 __all__ = [
     "MODIFY_OPS",
@@ -305,7 +309,7 @@ class PauseHandle:
         self._held.append(item)
         self._has_held.set()
         try:
-            await fut
+            await cancellation.wait(fut)
         finally:
             if item in self._held:                    # cancelled while held
                 self._held.remove(item)
@@ -675,3 +679,6 @@ class FaultNode(BlockDriver):
         req = Request("block_status", offset, length, self.filename)
         dummy = Extent(offset, length, True, True, False)     # never returned: block_status cannot be dropped
         return await self.injector._through(req, lambda: self._file.block_status(offset, length), dummy)
+
+
+register_filter("inject", FaultNode)

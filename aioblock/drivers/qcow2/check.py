@@ -36,8 +36,10 @@ reference may reach past its end), in the image's refcount width, so a hostile o
 allocation. Every table read is one cluster (L2, refcount block) or a table whose size the header parser has
 already bounded (L1 tables).
 
-Lock rule: ``check_image`` takes ``drv.lock`` for the whole check (the caller must not hold it); the caller
-drains guest I/O first.
+Lock rule: ``check_image`` plugs the allocating-write queue (no allocation in flight during a check) and takes
+``st.lock`` for the whole check (the caller must hold neither); the caller drains guest I/O first.
+
+It works on the image state (:class:`.state.Qcow2State`), not the driver.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from .metaio import L1, L2, REFBLOCK, REFTABLE, OverlapError
 from .refcount import load_table, pack_table
 
 if TYPE_CHECKING:
-    from .driver import Qcow2Driver
+    from .state import Qcow2State
 
 __all__ = ["FIX_ERRORS", "FIX_LEAKS", "check_image"]
 
@@ -90,7 +92,7 @@ class _CheckFailed(Exception):
         self.errno = err
 
 
-async def check_image(drv: Qcow2Driver, repair: str | None) -> CheckResult:
+async def check_image(drv: Qcow2State, repair: str | None) -> CheckResult:
     """Check ``drv``'s image (``repair``: None, "leaks" or "all"); see the module docstring.
 
     With a repair that fixed something, the result is a second, read-only pass (the "double check") with the
@@ -101,9 +103,9 @@ async def check_image(drv: Qcow2Driver, repair: str | None) -> CheckResult:
     fix = _REPAIR_MODES[repair]
     if fix and drv.read_only:
         raise ReadOnlyError("Block node is read-only: cannot repair", filename=drv.filename)
-    async with drv.lock:
+    async with drv.allocs.plugged(), drv.lock:
         if not drv.read_only:
-            await drv._flush_caches()
+            await drv.flush_caches()
         first = await _run_pass(drv, fix)
         if not fix or first.failed or not (first.leaks_fixed or first.corruptions_fixed):
             return first
@@ -115,7 +117,7 @@ async def check_image(drv: Qcow2Driver, repair: str | None) -> CheckResult:
     return second
 
 
-async def _run_pass(drv: Qcow2Driver, fix: int) -> CheckResult:
+async def _run_pass(drv: Qcow2State, fix: int) -> CheckResult:
     res = CheckResult(format="qcow2", filename=drv.filename)
     check = _Pass(drv, fix, res)
     try:
@@ -131,14 +133,14 @@ async def _run_pass(drv: Qcow2Driver, fix: int) -> CheckResult:
         if check.dropped:
             res.messages.append(f"({check.dropped} more messages not shown)")
     if fix and not res.failed and not drv.read_only:
-        await drv._flush_caches()
+        await drv.flush_caches()
     return res
 
 
 class _Pass:
     """One check pass (QEMU's qcow2_check_refcounts plus marking the image clean after a repair)."""
 
-    def __init__(self, drv: Qcow2Driver, fix: int, res: CheckResult) -> None:
+    def __init__(self, drv: Qcow2State, fix: int, res: CheckResult) -> None:
         h = drv.header
         self.d = drv
         self.h = h
@@ -289,7 +291,7 @@ class _Pass:
         if h.version >= 3 and h.incompatible_features & bits:
             await d.write_header_bytes(72, struct.pack(">Q", h.incompatible_features & ~bits))
             h.incompatible_features &= ~bits
-        d._lazy_dirty = False              # refcounts are exact on disk: the next lazy update marks it again
+        d.lazy_dirty = False              # refcounts are exact on disk: the next lazy update marks it again
 
     # ---- computing the references ----------------------------------------------------------------------------
 

@@ -348,6 +348,10 @@ class MetaIO:
         self.file.event("flush_to_disk")
         await self.file.flush()
 
+    def event(self, name: str) -> None:
+        """Announce a fault-injection event (QEMU's BLKDBG_EVENT) right before the I/O it names."""
+        self.file.event(name)
+
     # ---- CacheIO ---------------------------------------------------------------------------------------------
 
     async def read_slice(self, cache: SliceCache, offset: int, buf: memoryview) -> None:

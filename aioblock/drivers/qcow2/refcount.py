@@ -14,10 +14,15 @@ Ordering (reliability.md §3.3):
   one synced write, and only then frees the old table.
 
 The allocator never trusts refcounts alone: a cluster the metadata map knows as metadata, or one that an
-in-place data write is still writing to (``busy_hosts``: it may have been discarded meanwhile), is never
-handed out.
+in-place data write is still writing to (``busy``: it may have been discarded meanwhile), is never handed out.
 
-Lock rule: every method runs under the driver's metadata lock.
+What it works with is narrow: the metadata I/O (:class:`MetaIO`, which also announces fault-injection events),
+the metadata map, the header (the reftable's place, rewritten when the table moves), the allocation policy
+(``busy``), a ``corruption`` callback, and ``unref_first``: the cache whose writes must reach the disk before a
+decrement (the L2 cache).
+
+Lock rule: every method runs under the driver's metadata lock, except ``alloc_now``, which may also run in a
+lock-free moment (state.py).
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from ...cache import SliceCache
 from ...errors import BlockIOError, ImageTooLargeError
-from .layout import MAX_CLUSTER_OFFSET, MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, get_refcount, set_refcount
-from .metaio import CONFLICT, REFBLOCK, REFTABLE
-
-if TYPE_CHECKING:
-    from .driver import Qcow2Driver
+from .layout import (
+    MAX_CLUSTER_OFFSET,
+    MAX_REFTABLE_BYTES,
+    REFT_OFFSET_MASK,
+    Header,
+    get_refcount,
+    set_refcount,
+)
+from .metaio import CONFLICT, HEADER, REFBLOCK, REFTABLE, MetadataMap, MetaIO
 
 __all__ = ["Refcounts", "load_table", "pack_table"]
 
@@ -58,9 +67,17 @@ def pack_table(table: array[int], start: int = 0, end: int | None = None) -> byt
 class Refcounts:
     """Reference counts of host clusters and allocation of new ones."""
 
-    def __init__(self, drv: Qcow2Driver, reftable: array[int], cache: SliceCache) -> None:
-        h = drv.header
-        self.d = drv
+    def __init__(self, io: MetaIO, metamap: MetadataMap, header: Header, reftable: array[int], cache: SliceCache, *,
+                 corruption: Callable[[str], BaseException], busy: Mapping[int, int]) -> None:
+        h = header
+        self.io = io
+        self.metamap = metamap
+        self.header = header
+        self.corruption = corruption
+        #: host clusters that must not be handed out whatever their refcount (in-place writes in progress)
+        self.busy = busy
+        #: the cache whose dirty slices must be written before a decrement (I4); set by the driver
+        self.unref_first: SliceCache | None = None
         self.cache = cache
         self.reftable = reftable
         self.cluster_bits = h.cluster_bits
@@ -74,7 +91,7 @@ class Refcounts:
         #: clusters freed since the last full metadata flush: not reusable yet
         self.pending_free: set[int] = set()
         #: one past the highest cluster in use or handed out (new areas such as a grown reftable go here)
-        self.end_cluster = -(-drv.file.size // self.cluster_size)
+        self.end_cluster = -(-io.file.size // self.cluster_size)
         #: where the next compressed cluster may be packed (0: start a new cluster)
         self.free_byte_offset = 0
 
@@ -87,12 +104,12 @@ class Refcounts:
         entry = self.reftable[ri]
         off = entry & REFT_OFFSET_MASK
         if off & (self.cluster_size - 1):
-            raise self.d.corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
+            raise self.corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
                                     f"{f'{ri:#x}' if ri else '0'})")
-        if off and self.d.metamap.kind_at(off) == CONFLICT:
-            raise self.d.corruption(f"Refblock at {off:#x} overlaps other metadata (reftable index: {ri:#x})")
-        if off and off >= self.d.file.size:
-            raise self.d.corruption(f"Refblock at {off:#x} lies beyond the end of the file (reftable index: "
+        if off and self.metamap.kind_at(off) == CONFLICT:
+            raise self.corruption(f"Refblock at {off:#x} overlaps other metadata (reftable index: {ri:#x})")
+        if off and off >= self.io.file.size:
+            raise self.corruption(f"Refblock at {off:#x} lies beyond the end of the file (reftable index: "
                                     f"{ri:#x})")
         return off
 
@@ -118,8 +135,8 @@ class Refcounts:
             return
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
-        if delta < 0:
-            await self.cache.set_dependency(self.d.l2cache)
+        if delta < 0 and self.unref_first is not None:
+            await self.cache.set_dependency(self.unref_first)
         busy = busy if busy is not None else range(first, last + 1)
         c = first
         while c <= last:
@@ -127,7 +144,7 @@ class Refcounts:
             rb = self.refblock_offset(ri)
             if not rb:
                 if delta < 0:
-                    raise self.d.corruption(f"Refcount decrease of cluster {c:#x} without a refcount block")
+                    raise self.corruption(f"Refcount decrease of cluster {c:#x} without a refcount block")
                 rb = await self._refblock_for(ri, busy)
             s = await self.cache.get(rb)
             try:
@@ -206,7 +223,7 @@ class Refcounts:
         and length) and the first free cluster seen (-1: none yet). Returns where the search stopped and the
         new run start, run length and first free cluster."""
         cb, mask, order = self.cluster_bits, self.rb_mask, self.order
-        pending, busy, kind_at = self.pending_free, self.d.busy_hosts, self.d.metamap.kind_at
+        pending, busy, kind_at = self.pending_free, self.busy, self.metamap.kind_at
         while run < n and c < stop:
             if (c in pending or c in busy or kind_at(c << cb) is not None
                     or (block is not None and get_refcount(block, c & mask, order))):
@@ -265,47 +282,47 @@ class Refcounts:
 
     async def _new_refblock(self, ri: int, busy: range) -> int:
         """A self-describing refcount block for reftable index ``ri``, hooked into the reftable."""
-        d = self.d
+        io, mm = self.io, self.metamap
         cs = self.cluster_size
         base = ri << self.rb_bits
         c = max(base, 1)
-        while c in busy or c in self.pending_free or d.metamap.kind_at(c * cs) is not None:
+        while c in busy or c in self.pending_free or mm.kind_at(c * cs) is not None:
             c += 1
         if c >= base + (1 << self.rb_bits):
             raise BlockIOError(errno.ENOSPC, "no room for a refcount block in the range it covers")
         block = bytearray(cs)
         set_refcount(block, c - base, self.order, 1)
-        d.event("refblock_alloc")
-        await d.metaio.write(c * cs, block, REFBLOCK)
-        await d.metaio.sync()
+        io.event("refblock_alloc")
+        await io.write(c * cs, block, REFBLOCK)
+        await io.sync()
         self.reftable[ri] = c * cs
         try:
-            d.event("refblock_alloc_hookup")
+            io.event("refblock_alloc_hookup")
             await self.write_reftable_entries(ri, ri + 1)
         except BaseException:
             self.reftable[ri] = 0
             raise
-        d.metamap.add(c * cs, cs, REFBLOCK)
+        mm.add(c * cs, cs, REFBLOCK)
         self.end_cluster = max(self.end_cluster, c + 1)
         return c * cs
 
     async def write_reftable_entries(self, first: int, end: int) -> None:
         """Write reftable entries ``[first, end)`` (widened to the file's alignment) and sync."""
-        d = self.d
-        align = max(d.metaio.align, 8) // 8
+        io = self.io
+        align = max(io.align, 8) // 8
         lo = first - first % align
         hi = min(-(-end // align) * align, len(self.reftable))
-        await d.metaio.write(d.header.refcount_table_offset + lo * 8, pack_table(self.reftable, lo, hi), REFTABLE)
-        await d.metaio.sync()
+        await io.write(self.header.refcount_table_offset + lo * 8, pack_table(self.reftable, lo, hi), REFTABLE)
+        await io.sync()
 
     async def _grow_reftable(self, ri_needed: int, busy: range) -> None:
         """Move the refcount table to a bigger one at the end of the image (reliability.md §3.3 I5)."""
-        d = self.d
+        io, mm, h = self.io, self.metamap, self.header
         cs = self.cluster_size
         per_cluster = cs // 8
         old = self.reftable
         entries = max(ri_needed + 1, len(old) + len(old) // 2)
-        area = max(self.end_cluster, busy.stop, -(-d.file.size // cs))
+        area = max(self.end_cluster, busy.stop, -(-io.file.size // cs))
         while True:
             entries = -(-entries // per_cluster) * per_cluster
             if entries * 8 > MAX_REFTABLE_BYTES:
@@ -334,24 +351,25 @@ class Refcounts:
                 set_refcount(blocks[ri], c & self.rb_mask, self.order, 1)
             else:
                 covered.append(c)
-        d.event("refblock_alloc_write_blocks")
+        io.event("refblock_alloc_write_blocks")
         for i, ri in enumerate(need):
-            await d.metaio.write((area + t + i) * cs, blocks[ri], REFBLOCK)
+            await io.write((area + t + i) * cs, blocks[ri], REFBLOCK)
         for c in covered:                      # area clusters under existing blocks: through the cache
             await self.update(c * cs, cs, 1, busy=range(area, area + t + k))
         await self.cache.flush()
-        await d.metaio.sync()
-        d.event("refblock_alloc_write_table")
-        await d.metaio.write(area * cs, pack_table(table), REFTABLE)
-        await d.metaio.sync()
-        d.event("refblock_alloc_switch_table")
-        old_off, old_clusters = d.header.refcount_table_offset, d.header.refcount_table_clusters
-        await d.write_header_bytes(48, struct.pack(">QI", area * cs, t))
-        d.header.refcount_table_offset, d.header.refcount_table_clusters = area * cs, t
+        await io.sync()
+        io.event("refblock_alloc_write_table")
+        await io.write(area * cs, pack_table(table), REFTABLE)
+        await io.sync()
+        io.event("refblock_alloc_switch_table")
+        old_off, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        await io.write(48, struct.pack(">QI", area * cs, t), HEADER)
+        await io.sync()
+        h.refcount_table_offset, h.refcount_table_clusters = area * cs, t
         self.reftable = table
-        d.metamap.remove(old_off, old_clusters * cs)
-        d.metamap.add(area * cs, t * cs, REFTABLE)
+        mm.remove(old_off, old_clusters * cs)
+        mm.add(area * cs, t * cs, REFTABLE)
         for i in range(k):
-            d.metamap.add((area + t + i) * cs, cs, REFBLOCK)
+            mm.add((area + t + i) * cs, cs, REFBLOCK)
         self.end_cluster = max(self.end_cluster, area + t + k)
         await self.update(old_off, old_clusters * cs, -1)

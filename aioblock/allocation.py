@@ -1,0 +1,366 @@
+"""The allocating-write queue: allocations in flight, the requests that depend on them, and plugging.
+
+This is QEMU's model for both formats that allocate clusters: qcow2's in-flight cluster allocations with their
+``dependent_requests`` queues, and QED's ``allocating_write_reqs`` queue with its single ``allocating_acb``.
+
+**Allocations.** An :class:`Allocation` claims a run of guest *units* (clusters) ``[first, first + count)``: while
+it is in flight it is the only request that may change their mapping. A request that needs to change the
+mapping of a claimed unit waits in that allocation's queue (FIFO); when the allocation finishes, its waiters
+wake in the order they came, and each looks its mapping up again (the cluster is usually allocated now, and
+the waiter writes into it in place, as QEMU's dependent requests do). Requests on other units never wait.
+Readers never wait either: the mapping changes only when an allocation is linked, so a reader sees the old
+contents before that and the new ones after.
+
+**States** (one table, ``_NEXT``; an illegal move raises :class:`AllocationStateError` and changes nothing)::
+
+    STARTED --> FILLING --> WRITTEN --> LINKED
+       |           |           |
+       +-----------+-----------+------> ABORTED
+
+* ``STARTED``: registered; the owner has reserved its new space (qcow2: host clusters with refcount 1).
+* ``FILLING``: the owner is writing the new space: copy-on-write of the old contents or zeroes, and the guest's
+  data. Entered once, by the owner only, so each new cluster is filled exactly once.
+* ``WRITTEN``: every byte of the new space is written; nothing maps it yet.
+* ``LINKED``: the mapping now points at the new space (terminal).
+* ``ABORTED``: given up before linking; the mapping is unchanged (terminal). The owner releases what it
+  reserved, after the engines have finished every write into it (cancellation.py rule 4).
+
+**Completion** (:meth:`AllocationQueue.finish`) is synchronous: it moves to LINKED or ABORTED, releases the
+units and wakes the waiters. The owner calls it in a ``finally``: it always runs, whatever happened (errors,
+cancellations), so no waiter is ever left waiting for an allocation that is gone.
+
+**Modes.** Per unit (qcow2): allocations of disjoint units run at once; the owner registers with
+:meth:`AllocationQueue.try_start`, which never suspends, right after the lookup that found the units
+unallocated (so nothing can come between). Serial (QED): one allocation at a time; :meth:`AllocationQueue.start`
+waits its turn (FIFO, handed over by the previous owner's ``finish``), and the new owner then redoes its lookup.
+
+**Plugging**: ``async with queue.plugged():`` waits until no allocation is in flight and keeps new ones from
+starting until it exits (QED's need-check clear, snapshots, check); requests wanting to allocate meanwhile wait
+(``wait_unplugged``, or ``start``'s queue) and go on in order afterwards.
+
+**Cancellation** (:mod:`aioblock.cancellation`): every wait here is a wait with nothing changed, so an
+uncommitted request cancelled in it leaves no trace (it leaves the queue; a turn handed to it is passed on);
+a committed one goes on waiting. Registering an allocation commits the request: from then on it runs to its
+end, through ``finish``.
+
+State is touched only from the event loop's thread, and no method suspends between a check and the change it
+guards: no lock is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from . import cancellation
+
+__all__ = ["AllocState", "Allocation", "AllocationQueue", "AllocationStateError", "AllocationStatistics"]
+
+
+class AllocState(enum.Enum):
+    STARTED = "started"
+    FILLING = "filling"
+    WRITTEN = "written"
+    LINKED = "linked"
+    ABORTED = "aborted"
+
+
+#: The legal moves: every state change of an allocation is checked against this table.
+_NEXT: dict[AllocState, frozenset[AllocState]] = {
+    AllocState.STARTED: frozenset({AllocState.FILLING, AllocState.ABORTED}),
+    AllocState.FILLING: frozenset({AllocState.WRITTEN, AllocState.ABORTED}),
+    AllocState.WRITTEN: frozenset({AllocState.LINKED, AllocState.ABORTED}),
+    AllocState.LINKED: frozenset(),
+    AllocState.ABORTED: frozenset(),
+}
+_TERMINAL = frozenset({AllocState.LINKED, AllocState.ABORTED})
+
+
+class AllocationStateError(RuntimeError):
+    """An allocation was asked to make a move the state table does not allow (a driver bug)."""
+
+
+class Allocation:
+    """One allocating write in flight over guest units ``[first, first + count)``.
+
+    Format drivers subclass it to carry their own plan (qcow2: host offset, copy-on-write region, the entries it
+    replaces). ``state`` changes only through ``advance`` and ``AllocationQueue.finish``."""
+
+    __slots__ = ("_waiters", "count", "first", "state")
+
+    def __init__(self, first: int, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"an allocation claims at least one unit, not {count}")
+        self.first = first
+        self.count = count
+        self.state = AllocState.STARTED
+        self._waiters: deque[asyncio.Future[None]] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+    @property
+    def done(self) -> bool:
+        return self.state in _TERMINAL
+
+    def advance(self, state: AllocState) -> None:
+        """Move to ``state`` (FILLING or WRITTEN; terminal states go through ``AllocationQueue.finish``)."""
+        if state in _TERMINAL:
+            raise AllocationStateError(f"{state.name} is entered through AllocationQueue.finish()")
+        self._move(state)
+
+    def _move(self, state: AllocState) -> None:
+        if state not in _NEXT[self.state]:
+            raise AllocationStateError(f"allocation of units {self.first}+{self.count}: "
+                                       f"{self.state.name} -> {state.name} is not allowed")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} units {self.first}+{self.count} {self.state.name}>"
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationStatistics:
+    """Counters of one queue: allocations started, linked and aborted; in flight now and at most; waits (by
+    requests depending on an allocation, for a turn or for an unplug) and the nanoseconds spent in them;
+    plugs."""
+
+    started: int
+    linked: int
+    aborted: int
+    in_flight: int
+    max_in_flight: int
+    waits: int
+    wait_ns: int
+    plugs: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"started": self.started, "linked": self.linked, "aborted": self.aborted,
+                "in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "waits": self.waits,
+                "wait_ns": self.wait_ns, "plugs": self.plugs}
+
+
+class AllocationQueue:
+    """The allocations in flight on one format node (see the module docstring).
+
+    ``serial``: at most one allocation at a time (QED); otherwise one per unit (qcow2).
+    """
+
+    def __init__(self, *, serial: bool = False) -> None:
+        self.serial = serial
+        self._units: dict[int, Allocation] = {}
+        self._in_flight = 0
+        self._plugs = 0
+        #: requests waiting to start: serial mode, for their turn, with the allocation they will register; per-unit
+        #: mode, for an unplug (allocation None). Woken in order.
+        self._starters: deque[tuple[asyncio.Future[None], Allocation | None]] = deque()
+        #: plugs waiting for the allocations in flight to finish
+        self._drained: list[asyncio.Future[None]] = []
+        self._started = self._linked = self._aborted = 0
+        self._max_in_flight = 0
+        self._waits = 0
+        self._wait_ns = 0
+        self._plug_count = 0
+
+    # ---- queries ---------------------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """How many allocations are in flight."""
+        return self._in_flight
+
+    @property
+    def plugged_now(self) -> bool:
+        return self._plugs > 0
+
+    def blocker(self, first: int, end: int) -> Allocation | None:
+        """The in-flight allocation claiming the lowest unit of ``[first, end)``, or None."""
+        units = self._units
+        if not units:
+            return None
+        if end - first == 1:
+            return units.get(first)
+        if end - first > len(units):
+            found = [a for u, a in units.items() if first <= u < end]
+            return min(found, key=lambda a: a.first) if found else None
+        for u in range(first, end):
+            a = units.get(u)
+            if a is not None:
+                return a
+        return None
+
+    def claimed(self, unit: int) -> bool:
+        """Whether an allocation in flight claims ``unit`` (the fast check of a one-unit request)."""
+        return unit in self._units
+
+    def statistics(self) -> AllocationStatistics:
+        return AllocationStatistics(self._started, self._linked, self._aborted, self._in_flight,
+                                    self._max_in_flight, self._waits, self._wait_ns, self._plug_count)
+
+    # ---- starting ---------------------------------------------------------------------------------------------
+
+    def try_start(self, alloc: Allocation) -> bool:
+        """Register ``alloc`` (STARTED, nothing else changed) if no allocation in flight claims one of its units
+        and the queue is not plugged (serial mode: and no allocation is in flight or waiting to start). Never
+        suspends. Commits the current request when it registers."""
+        if self._plugs or alloc.state is not AllocState.STARTED:
+            return False
+        if self.serial:
+            if self._in_flight or self._starters:
+                return False
+        elif self.blocker(alloc.first, alloc.end) is not None:
+            return False
+        self._register(alloc)
+        cancellation.commit()
+        return True
+
+    async def start(self, alloc: Allocation) -> None:
+        """Serial mode: register ``alloc`` when its turn comes (FIFO; the previous owner's ``finish`` registers
+        it and wakes it). The caller then redoes its lookup, and either fills the allocation or, with nothing
+        left to allocate, finishes it with ``linked=False``. Commits the current request once registered."""
+        if not self.serial:
+            raise RuntimeError("start() is for serial queues; per-unit queues use try_start()")
+        if self.try_start(alloc):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (fut, alloc)
+        self._starters.append(item)
+        t0 = time.perf_counter_ns()
+        self._waits += 1
+        try:
+            await cancellation.wait(fut)
+        except BaseException:
+            if alloc.state is AllocState.STARTED and self._units.get(alloc.first) is alloc:
+                self.finish(alloc, linked=False)        # the turn was handed to us: pass it on
+            elif item in self._starters:
+                self._starters.remove(item)
+            raise
+        finally:
+            self._wait_ns += time.perf_counter_ns() - t0
+        cancellation.commit()
+
+    def _register(self, alloc: Allocation) -> None:
+        units = self._units
+        for u in range(alloc.first, alloc.end):
+            units[u] = alloc
+        self._in_flight += 1
+        self._started += 1
+        if self._in_flight > self._max_in_flight:
+            self._max_in_flight = self._in_flight
+
+    # ---- waiting -------------------------------------------------------------------------------------------
+
+    async def wait_for(self, alloc: Allocation) -> None:
+        """Wait (FIFO with the other waiters) until ``alloc`` has finished; at once if it has."""
+        if alloc.done:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if alloc._waiters is None:
+            alloc._waiters = deque()
+        alloc._waiters.append(fut)
+        t0 = time.perf_counter_ns()
+        self._waits += 1
+        try:
+            await cancellation.wait(fut)
+        except BaseException:
+            waiters = alloc._waiters
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+            raise
+        finally:
+            self._wait_ns += time.perf_counter_ns() - t0
+
+    async def wait_clear(self, first: int, end: int) -> None:
+        """Wait until no allocation in flight claims a unit of ``[first, end)`` (each blocker in turn). Another
+        allocation may start as soon as this returns: check again without suspending before relying on it."""
+        while (a := self.blocker(first, end)) is not None:
+            await self.wait_for(a)
+
+    async def wait_unplugged(self) -> None:
+        """Per-unit mode: wait until the queue is not plugged (at once if it is not)."""
+        if not self._plugs:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (fut, None)
+        self._starters.append(item)
+        t0 = time.perf_counter_ns()
+        self._waits += 1
+        try:
+            await cancellation.wait(fut)
+        except BaseException:
+            if item in self._starters:
+                self._starters.remove(item)
+            raise
+        finally:
+            self._wait_ns += time.perf_counter_ns() - t0
+
+    # ---- finishing -----------------------------------------------------------------------------------------
+
+    def finish(self, alloc: Allocation, *, linked: bool) -> None:
+        """The completion step: LINKED (the mapping points at the new space) or ABORTED (it does not), the units
+        released, the waiters woken in FIFO order. Synchronous; call it in a ``finally`` so that it always runs.
+        Finishing an allocation that is already finished does nothing."""
+        if alloc.done:
+            return
+        alloc._move(AllocState.LINKED if linked else AllocState.ABORTED)
+        units = self._units
+        for u in range(alloc.first, alloc.end):
+            if units.get(u) is alloc:
+                del units[u]
+        self._in_flight -= 1
+        if linked:
+            self._linked += 1
+        else:
+            self._aborted += 1
+        waiters, alloc._waiters = alloc._waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        if not self._in_flight:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                if not d.done():
+                    d.set_result(None)
+        if self.serial and not self._plugs:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Serial mode, nothing in flight: register the first live starter's allocation and wake it."""
+        while self._starters and not self._in_flight:
+            fut, alloc = self._starters.popleft()
+            if fut.done() or alloc is None:
+                continue
+            self._register(alloc)
+            fut.set_result(None)
+
+    # ---- plugging ------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def plugged(self) -> AsyncIterator[None]:
+        """Keep new allocations from starting, wait until none is in flight, and run the block; then let the
+        waiting requests go on, in order. Cancelled while waiting for the drain, it unplugs and raises."""
+        self._plugs += 1
+        self._plug_count += 1
+        try:
+            while self._in_flight:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._drained.append(fut)
+                await cancellation.wait(fut)
+            yield
+        finally:
+            self._plugs -= 1
+            if not self._plugs:
+                if self.serial:
+                    self._hand_over()
+                else:
+                    starters, self._starters = self._starters, deque()
+                    for fut, _ in starters:
+                        if not fut.done():
+                            fut.set_result(None)

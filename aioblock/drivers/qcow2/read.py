@@ -1,0 +1,92 @@
+"""The read path: data clusters, zero clusters, the backing file, compressed clusters.
+
+Reads take no lock unless an L2 slice must be loaded (``mapping.lookup``), and never wait for allocations in
+flight: an allocation changes the mapping only when it links, after its data is written, so a read sees the
+old contents or the new ones.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ...errors import BlockIOError
+from . import layout as L
+from .compress import CompressedDataError, decompress_cluster
+from .mapping import COMPRESSED, DATA, KIND_MASK, UNALLOC, ZERO, lookup, peek, scan
+from .state import Qcow2State
+
+__all__ = ["decompress", "pread", "read"]
+
+
+async def pread(st: Qcow2State, offset: int, buf: memoryview) -> None:
+    """A guest read. The fast path (a cached slice mapping the whole range to one data run) is one lookup
+    and one file read."""
+    if st.fast_io:
+        s = peek(st, offset)
+        if s is not None:
+            kind, host, n = scan(st, s.data, offset, len(buf))
+            if kind & KIND_MASK == DATA and n == len(buf):
+                await st.file.pread(host, buf)
+                return
+    st.check_usable(False)
+    try:
+        await read(st, offset, buf)
+    except BlockIOError:
+        await st.after_error()
+        raise
+
+
+async def read(st: Qcow2State, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` with the guest bytes at ``offset`` (also used for copy-on-write)."""
+    pos, total = 0, len(buf)
+    while pos < total:
+        kind, host, n = await lookup(st, offset + pos, total - pos)
+        view = buf[pos:pos + n]
+        kind &= KIND_MASK
+        if kind == DATA:
+            await st.metaio.read_into(host, view)
+        elif kind == ZERO:
+            view[:] = bytes(n)
+        elif kind == UNALLOC:
+            await read_backing(st, offset + pos, view)
+        else:
+            assert kind == COMPRESSED
+            data = await decompress(st, host)
+            within = (offset + pos) & (st.cs - 1)
+            view[:] = data[within:within + n]
+        pos += n
+
+
+async def read_backing(st: Qcow2State, offset: int, view: memoryview) -> None:
+    """The backing file's bytes (zeroes past its end, or without one)."""
+    b = st.backing
+    n = len(view)
+    if b is None or offset >= b.size:
+        view[:] = bytes(n)
+        return
+    m = min(n, b.size - offset)
+    a = b.limits.request_alignment
+    if a > 1 and (offset % a or m % a):
+        start = offset - offset % a
+        end = min(-(-(offset + m) // a) * a, b.size)
+        tmp = bytearray(end - start)
+        await b.pread(start, memoryview(tmp))
+        view[:m] = tmp[offset - start:offset - start + m]
+    else:
+        await b.pread(offset, view[:m])
+    if m < n:
+        view[m:] = bytes(n - m)
+
+
+async def decompress(st: Qcow2State, entry: int) -> bytes:
+    """The cluster a compressed L2 entry describes, decompressed."""
+    coff, clen = L.compressed_descriptor(entry, st.cluster_bits)
+    if coff + clen > st.file.size + 511 or coff == 0:
+        raise BlockIOError(errno.EIO, f"compressed cluster at {coff:#x} lies beyond the end of the file",
+                           filename=st.filename)
+    st.event("read_compressed")
+    raw = await st.metaio.read(coff, min(clen, st.file.size - coff))
+    try:
+        return decompress_cluster(st.header.compression_type, raw, st.cs)
+    except CompressedDataError as exc:
+        raise BlockIOError(errno.EIO, f"bad compressed cluster at {coff:#x}: {exc}", filename=st.filename) from None
