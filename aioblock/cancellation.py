@@ -165,28 +165,35 @@ class Lock:
     ``owner`` is the task holding it (a second holder is impossible by construction; ``__aenter__`` asserts
     it)."""
 
-    __slots__ = ("_acquired", "_lock", "_scope", "_token", "_wait_ns", "_waited", "owner")
+    __slots__ = ("_acquired", "_lock", "_scope", "_token", "_wait_ns", "_waited", "_waiting", "owner")
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self.owner: asyncio.Task[object] | None = None
         self._scope: Scope | None = None
         self._token: contextvars.Token[Scope | None] | None = None
+        self._waiting = 0                 # tasks inside __aenter__, not yet holding the lock
         self._acquired = 0
         self._waited = 0
         self._wait_ns = 0
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        """Whether a task holds the lock: a locked section is in progress (the lock-free fast paths of a
+        driver run only when none is)."""
+        return self.owner is not None
 
     def statistics(self) -> LockStatistics:
         return LockStatistics(self._acquired, self._waited, self._wait_ns)
 
     async def __aenter__(self) -> None:
         lock = self._lock
-        if lock.locked():
-            t0 = time.perf_counter_ns()
+        contended = self.owner is not None or self._waiting > 0
+        t0 = time.perf_counter_ns() if contended else 0
+        self._waiting += 1
+        try:
             if committed():
+                # asyncio.Lock may suspend even when it is not locked (a released waiter has not run yet): a
+                # committed request must not be interrupted at any of those suspensions
                 while True:
                     try:
                         await lock.acquire()
@@ -196,13 +203,13 @@ class Lock:
                             raise
             else:
                 await lock.acquire()
+        finally:
+            self._waiting -= 1
+        if contended:
             self._waited += 1
             self._wait_ns += time.perf_counter_ns() - t0
-        else:
-            await lock.acquire()
-        task = _current_task()
         assert self.owner is None, "metadata lock held by two tasks"
-        self.owner = task
+        self.owner = _current_task()
         self._acquired += 1
         scope, token = enter()
         scope.committed = True

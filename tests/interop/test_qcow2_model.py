@@ -14,6 +14,10 @@ zero-padded to the guest size). It follows QEMU 7.2's qcow2 semantics exactly, a
   file: unallocated). On a v2 image with a backing file QEMU ignores discards (an unallocated cluster would
   expose the backing file and v2 has no zero flag), so the model changes nothing.
 - ``read``: compared with the model.
+- *cancelled* requests (any single request, and members of batches, now and then): cancelled after a few loop
+  ticks; a cancelled request must have completed wholly or left no trace (aioblock.cancellation), so its range
+  is read back and must hold either the old bytes or the new ones, never a mixture; the model takes what it
+  holds.
 - ``flush``: no change; ``reopen``: close (``qemu-img check`` must be clean) and open read-write again. Every open
   (the first one too) picks an I/O engine (sync, threads, uring where io_uring works), a cache mode (page cache,
   or O_DIRECT where the file system has it: then requests and metadata writes smaller than the file's alignment
@@ -194,6 +198,7 @@ class Op:
     tiny: bool = False             #: reopen: tiny metadata caches
     eager: bool = False            #: reopen: the background metadata flusher runs as soon as it can
     ops: tuple[Op, ...] = ()       #: batch
+    cancel: int = -1               #: cancel the request after this many loop ticks (-1: never)
 
     @property
     def end(self) -> int:
@@ -202,6 +207,8 @@ class Op:
     def __repr__(self) -> str:
         if self.kind in ("write", "zeroes", "read", "discard"):
             flags = "".join(f", {f}" for f, on in (("unmap", self.unmap), ("fua", self.fua)) if on)
+            if self.cancel >= 0:
+                flags += f", cancel after {self.cancel} ticks"
             return f"{self.kind}({self.offset:#x}, {self.length:#x}{flags})"
         if self.kind == "reopen":
             flags = "".join(f", {f}" for f, on in (("tiny", self.tiny), ("eager", self.eager)) if on)
@@ -260,7 +267,8 @@ def requests(cfg: Config, kinds: Sequence[str]) -> st.SearchStrategy[Op]:
 def request(draw: st.DrawFn, kind: str, offset: int, length: int) -> Op:
     unmap = kind == "zeroes" and draw(st.booleans())
     fua = kind in ("write", "zeroes") and draw(st.integers(0, 9)) == 0
-    return Op(kind, offset, length, unmap=unmap, fua=fua)
+    cancel = draw(st.integers(0, 6)) if draw(st.integers(0, 7)) == 0 else -1
+    return Op(kind, offset, length, unmap=unmap, fua=fua, cancel=cancel)
 
 
 def batches(cfg: Config) -> st.SearchStrategy[Op]:
@@ -309,6 +317,12 @@ def op_lists(cfg: Config, direct: bool) -> st.SearchStrategy[list[Op]]:
         return draw(simple if choice < 15 else batch if choice < 19 else reopen)
 
     return st.lists(op(), min_size=6, max_size=50)
+
+
+async def cancel_after(task: asyncio.Future[Any], n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+    task.cancel()
 
 
 # ---- data patterns -------------------------------------------------------------------------------------------
@@ -446,17 +460,24 @@ class Runner:
             raise self.fail(what, offset + i, pad + actual, pad + expected)
 
     def check_candidates(self, what: str, offset: int, actual: bytes, old: bytes,
-                         effects: Sequence[tuple[int, bytes]], allow_old: bool) -> None:
-        """Each byte of ``actual`` (the disk at ``offset``) must come from one of the ``effects`` covering it (or
-        be ``old``, the model before the batch, when ``allow_old`` or when no effect covers it)."""
+                         effects: Sequence[tuple[int, bytes]], allow_old: bool,
+                         maybe: Sequence[tuple[int, bytes]] = ()) -> None:
+        """Each byte of ``actual`` (the disk at ``offset``) must come from one of the ``effects`` or ``maybe``
+        (cancelled requests) covering it, or be ``old``, the model before the batch, when ``allow_old`` or when
+        no effect covers it."""
         end = offset + len(actual)
         points = {offset, end}
         for eoff, edata in effects:
             points.update(p for p in (eoff, eoff + len(edata)) if offset < p < end)
+        for eoff, edata in maybe:
+            points.update(p for p in (eoff, eoff + len(edata)) if offset < p < end)
         cuts = sorted(points)
         for a, b in itertools.pairwise(cuts):
             covering = [edata[a - eoff:b - eoff] for eoff, edata in effects if eoff <= a and b <= eoff + len(edata)]
-            candidates = [*covering, old[a - offset:b - offset]] if allow_old or not covering else covering
+            optional = [edata[a - eoff:b - eoff] for eoff, edata in maybe if eoff <= a and b <= eoff + len(edata)]
+            candidates = [*covering, *optional]
+            if allow_old or not covering:
+                candidates.append(old[a - offset:b - offset])
             seg = actual[a - offset:b - offset]
             if any(seg == c for c in candidates):
                 continue
@@ -479,6 +500,12 @@ class Runner:
                 await self.open(op)
             elif op.kind == "batch":
                 await self.batch(op.ops)
+            elif op.cancel >= 0:
+                effect = self.effect(op)
+                task = asyncio.ensure_future(self.submit(op, effect))
+                await cancel_after(task, op.cancel)
+                await asyncio.wait([task])
+                await self.settle(op, effect, task)
             elif op.kind == "read":
                 self.compare("read", op.offset, await self.d.read(op.offset, op.length))
             else:
@@ -487,33 +514,62 @@ class Runner:
                 if effect is not None:
                     self.model[effect[0]:effect[0] + len(effect[1])] = effect[1]
 
+    async def settle(self, op: Op, effect: tuple[int, bytes] | None, task: asyncio.Future[Any]) -> None:
+        """After a request that was to be cancelled: if it completed, as usual; if it was cancelled, its range
+        holds the old bytes or the new ones, wholly (a read: nothing to check)."""
+        if not task.cancelled():
+            result = task.result()
+            if op.kind == "read":
+                self.compare("read", op.offset, result)
+            elif effect is not None:
+                self.model[effect[0]:effect[0] + len(effect[1])] = effect[1]
+            return
+        if effect is None or not effect[1]:
+            return
+        off, data = effect
+        back = await self.d.read(off, len(data))
+        if back != data:
+            self.compare(f"cancelled {op.kind} (neither wholly done nor without trace)", off, back)
+        self.model[off:off + len(data)] = back
+
     async def batch(self, ops: Sequence[Op]) -> None:
         old = bytes(self.model)
         effects = [self.effect(op) for op in ops]
-        results = await asyncio.gather(*(self.submit(op, e) for op, e in zip(ops, effects, strict=True)),
-                                       return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        mutations = [e for e in effects if e is not None and e[1]]
+        tasks = [asyncio.ensure_future(self.submit(op, e)) for op, e in zip(ops, effects, strict=True)]
+        await asyncio.gather(*(cancel_after(t, op.cancel) for t, op in zip(tasks, ops, strict=True)
+                               if op.cancel >= 0))
+        await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        done = [e for e, t in zip(effects, tasks, strict=True) if e is not None and e[1] and not t.cancelled()]
+        maybe = [e for e, t in zip(effects, tasks, strict=True) if e is not None and e[1] and t.cancelled()]
+        mutations = done + maybe
+        for e in maybe:              # a cancelled request alone on its bytes: wholly in or wholly out
+            if not any(o is not e and o[0] < e[0] + len(e[1]) and e[0] < o[0] + len(o[1]) for o in mutations):
+                back = await self.d.read(e[0], len(e[1]))
+                if back != e[1] and back != old[e[0]:e[0] + len(e[1])]:
+                    self.compare("a cancelled request of a batch (neither wholly done nor without trace)", e[0],
+                                 back)
         spans = sorted((off, off + len(data)) for off, data in mutations)
         disjoint = all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
         overlapping_reads = any(op.kind == "read" and any(off < op.end and op.offset < off + len(data)
                                                           for off, data in mutations) for op in ops)
         if currently_in_test_context():            # --hypothesis-show-statistics
             event(f"batch: {'disjoint' if disjoint else 'overlapping'} requests"
-                  f"{', reads overlapping them' if overlapping_reads else ''}")
-        if disjoint:
+                  f"{', reads overlapping them' if overlapping_reads else ''}{', cancellations' if maybe else ''}")
+        if disjoint and not maybe:
             for off, data in mutations:
                 self.model[off:off + len(data)] = data
-        else:                      # per byte: the value of one of the requests covering it; the disk decides
+        elif mutations:            # per byte: the value of one of the requests covering it; the disk decides
             lo, hi = spans[0][0], max(e for _, e in spans)
             actual = await self.d.read(lo, hi - lo)
-            self.check_candidates("overlapping concurrent requests", lo, actual, old[lo:hi], mutations,
-                                  allow_old=False)
+            self.check_candidates("concurrent requests", lo, actual, old[lo:hi], done, allow_old=False,
+                                  maybe=maybe)
             self.model[lo:hi] = actual
-        for op, r in zip(ops, results, strict=True):
-            if op.kind == "read":
+        for op, t in zip(ops, tasks, strict=True):
+            if op.kind == "read" and not t.cancelled():
+                r = t.result()
                 assert isinstance(r, bytes)
                 self.check_candidates("read in a batch", op.offset, r, old[op.offset:op.end], mutations,
                                       allow_old=True)
