@@ -56,29 +56,33 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import cancellation
 
 __all__ = ["AllocState", "Allocation", "AllocationQueue", "AllocationStateError", "AllocationStatistics"]
 
 
-class AllocState(enum.Enum):
-    STARTED = "started"
-    FILLING = "filling"
-    WRITTEN = "written"
-    LINKED = "linked"
-    ABORTED = "aborted"
+class AllocState(enum.IntEnum):
+    STARTED = 0
+    FILLING = 1
+    WRITTEN = 2
+    LINKED = 3
+    ABORTED = 4
 
 
+_S = AllocState
+_STARTED, _WRITTEN, _LINKED, _ABORTED = _S.STARTED, _S.WRITTEN, _S.LINKED, _S.ABORTED
 #: The legal moves: every state change of an allocation is checked against this table.
 _NEXT: dict[AllocState, frozenset[AllocState]] = {
-    AllocState.STARTED: frozenset({AllocState.FILLING, AllocState.ABORTED}),
-    AllocState.FILLING: frozenset({AllocState.WRITTEN, AllocState.ABORTED}),
-    AllocState.WRITTEN: frozenset({AllocState.LINKED, AllocState.ABORTED}),
-    AllocState.LINKED: frozenset(),
-    AllocState.ABORTED: frozenset(),
+    _S.STARTED: frozenset({_S.FILLING, _S.ABORTED}),
+    _S.FILLING: frozenset({_S.WRITTEN, _S.ABORTED}),
+    _S.WRITTEN: frozenset({_S.LINKED, _S.ABORTED}),
+    _S.LINKED: frozenset(),
+    _S.ABORTED: frozenset(),
 }
-_TERMINAL = frozenset({AllocState.LINKED, AllocState.ABORTED})
+#: the same table as one bit mask of allowed next states per state (the check on the hot path)
+_ALLOWED: tuple[int, ...] = tuple(sum(1 << n for n in _NEXT[state]) for state in AllocState)
 
 
 class AllocationStateError(RuntimeError):
@@ -98,7 +102,7 @@ class Allocation:
             raise ValueError(f"an allocation claims at least one unit, not {count}")
         self.first = first
         self.count = count
-        self.state = AllocState.STARTED
+        self.state = _STARTED
         self._waiters: deque[asyncio.Future[None]] | None = None
 
     @property
@@ -107,16 +111,18 @@ class Allocation:
 
     @property
     def done(self) -> bool:
-        return self.state in _TERMINAL
+        return self.state >= _LINKED
 
     def advance(self, state: AllocState) -> None:
         """Move to ``state`` (FILLING or WRITTEN; terminal states go through ``AllocationQueue.finish``)."""
-        if state in _TERMINAL:
-            raise AllocationStateError(f"{state.name} is entered through AllocationQueue.finish()")
-        self._move(state)
+        if not _ALLOWED[self.state] >> state & 1 or state >= _LINKED:
+            if state >= _LINKED:
+                raise AllocationStateError(f"{state.name} is entered through AllocationQueue.finish()")
+            self._move(state)               # raises
+        self.state = state
 
     def _move(self, state: AllocState) -> None:
-        if state not in _NEXT[self.state]:
+        if not _ALLOWED[self.state] >> state & 1:
             raise AllocationStateError(f"allocation of units {self.first}+{self.count}: "
                                        f"{self.state.name} -> {state.name} is not allowed")
         self.state = state
@@ -156,7 +162,8 @@ class AllocationQueue:
         self.serial = serial
         self._units: dict[int, Allocation] = {}
         self._in_flight = 0
-        self._plugs = 0
+        #: how many plugs are active (read-only for callers)
+        self.plugs = 0
         #: requests waiting to start: serial mode, for their turn, with the allocation they will register; per-unit
         #: mode, for an unplug (allocation None). Woken in order.
         self._starters: deque[tuple[asyncio.Future[None], Allocation | None]] = deque()
@@ -176,8 +183,9 @@ class AllocationQueue:
         return self._in_flight
 
     @property
-    def plugged_now(self) -> bool:
-        return self._plugs > 0
+    def units(self) -> dict[int, Allocation]:
+        """Claimed unit -> its allocation; read-only for callers (the one-unit check of a hot path)."""
+        return self._units
 
     def blocker(self, first: int, end: int) -> Allocation | None:
         """The in-flight allocation claiming the lowest unit of ``[first, end)``, or None."""
@@ -209,12 +217,14 @@ class AllocationQueue:
         """Register ``alloc`` (STARTED, nothing else changed) if no allocation in flight claims one of its units
         and the queue is not plugged (serial mode: and no allocation is in flight or waiting to start). Never
         suspends. Commits the current request when it registers."""
-        if self._plugs or alloc.state is not AllocState.STARTED:
+        if self.plugs or alloc.state != _STARTED:
             return False
+        units, first, count = self._units, alloc.first, alloc.count
         if self.serial:
             if self._in_flight or self._starters:
                 return False
-        elif self.blocker(alloc.first, alloc.end) is not None:
+        elif units and (units.get(first) is not None if count == 1
+                        else self.blocker(first, first + count) is not None):
             return False
         self._register(alloc)
         cancellation.commit()
@@ -229,25 +239,17 @@ class AllocationQueue:
         if self.try_start(alloc):
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = (fut, alloc)
-        self._starters.append(item)
-        t0 = time.perf_counter_ns()
-        self._waits += 1
         try:
-            await cancellation.wait(fut)
+            await self._wait_in(self._starters, (fut, alloc), fut)
         except BaseException:
-            if alloc.state is AllocState.STARTED and self._units.get(alloc.first) is alloc:
+            if alloc.state == _STARTED and self._units.get(alloc.first) is alloc:
                 self.finish(alloc, linked=False)        # the turn was handed to us: pass it on
-            elif item in self._starters:
-                self._starters.remove(item)
             raise
-        finally:
-            self._wait_ns += time.perf_counter_ns() - t0
         cancellation.commit()
 
     def _register(self, alloc: Allocation) -> None:
         units = self._units
-        for u in range(alloc.first, alloc.end):
+        for u in range(alloc.first, alloc.first + alloc.count):
             units[u] = alloc
         self._in_flight += 1
         self._started += 1
@@ -263,18 +265,7 @@ class AllocationQueue:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if alloc._waiters is None:
             alloc._waiters = deque()
-        alloc._waiters.append(fut)
-        t0 = time.perf_counter_ns()
-        self._waits += 1
-        try:
-            await cancellation.wait(fut)
-        except BaseException:
-            waiters = alloc._waiters
-            if waiters is not None and fut in waiters:
-                waiters.remove(fut)
-            raise
-        finally:
-            self._wait_ns += time.perf_counter_ns() - t0
+        await self._wait_in(alloc._waiters, fut, fut)
 
     async def wait_clear(self, first: int, end: int) -> None:
         """Wait until no allocation in flight claims a unit of ``[first, end)`` (each blocker in turn). Another
@@ -284,18 +275,22 @@ class AllocationQueue:
 
     async def wait_unplugged(self) -> None:
         """Per-unit mode: wait until the queue is not plugged (at once if it is not)."""
-        if not self._plugs:
+        if not self.plugs:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = (fut, None)
-        self._starters.append(item)
+        await self._wait_in(self._starters, (fut, None), fut)
+
+    async def _wait_in(self, queue: deque[Any], item: object, fut: asyncio.Future[None]) -> None:
+        """Wait for ``fut`` as ``item`` at the end of ``queue`` (counted and timed); if the wait ends in an
+        exception (a cancellation), the item is taken out of the queue first."""
+        queue.append(item)
         t0 = time.perf_counter_ns()
         self._waits += 1
         try:
             await cancellation.wait(fut)
         except BaseException:
-            if item in self._starters:
-                self._starters.remove(item)
+            with contextlib.suppress(ValueError):
+                queue.remove(item)
             raise
         finally:
             self._wait_ns += time.perf_counter_ns() - t0
@@ -306,11 +301,14 @@ class AllocationQueue:
         """The completion step: LINKED (the mapping points at the new space) or ABORTED (it does not), the units
         released, the waiters woken in FIFO order. Synchronous; call it in a ``finally`` so that it always runs.
         Finishing an allocation that is already finished does nothing."""
-        if alloc.done:
+        state = alloc.state
+        if state >= _LINKED:
             return
-        alloc._move(AllocState.LINKED if linked else AllocState.ABORTED)
+        if linked and state != _WRITTEN:
+            alloc._move(_LINKED)                   # raises: only a written allocation is linked
+        alloc.state = _LINKED if linked else _ABORTED
         units = self._units
-        for u in range(alloc.first, alloc.end):
+        for u in range(alloc.first, alloc.first + alloc.count):
             if units.get(u) is alloc:
                 del units[u]
         self._in_flight -= 1
@@ -328,7 +326,7 @@ class AllocationQueue:
             for d in drained:
                 if not d.done():
                     d.set_result(None)
-        if self.serial and not self._plugs:
+        if self.serial and not self.plugs:
             self._hand_over()
 
     def _hand_over(self) -> None:
@@ -346,7 +344,7 @@ class AllocationQueue:
     async def plugged(self) -> AsyncIterator[None]:
         """Keep new allocations from starting, wait until none is in flight, and run the block; then let the
         waiting requests go on, in order. Cancelled while waiting for the drain, it unplugs and raises."""
-        self._plugs += 1
+        self.plugs += 1
         self._plug_count += 1
         try:
             while self._in_flight:
@@ -355,8 +353,8 @@ class AllocationQueue:
                 await cancellation.wait(fut)
             yield
         finally:
-            self._plugs -= 1
-            if not self._plugs:
+            self.plugs -= 1
+            if not self.plugs:
                 if self.serial:
                     self._hand_over()
                 else:

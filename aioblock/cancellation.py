@@ -27,9 +27,10 @@ scope committed. Every wait that can happen inside a request goes through ``wait
 :class:`Lock` (or, for kernel I/O, the engines' own completion waits, which use ``deferred``): uncommitted, a
 cancellation propagates; committed, it is recorded on the scope and the wait goes on; ``leave`` raises it.
 
-A scope belongs to the task that opened it (tasks copy their creator's context, so a child task would see the
-parent's scope: ``deferred`` ignores a scope of another task). Nested scopes are one scope: the outermost
-raises. Everything here is touched from the event loop's thread only.
+A scope belongs to the task that opened it. Tasks copy their creator's context, so a task created inside a request
+would share the request's scope: the library never creates one there (its background tasks start from fresh
+contexts). Nested scopes are one scope: the outermost raises. Everything here is touched from the event loop's
+thread only.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ class Scope:
     """One request's cancellation state: ``committed`` (it has changed something), ``cancelled`` (a
     cancellation arrived after that and waits for ``leave``)."""
 
-    __slots__ = ("cancelled", "committed", "task")
+    __slots__ = ("cancelled", "committed")
 
-    def __init__(self, task: asyncio.Task[object] | None) -> None:
-        self.task = task
+    def __init__(self) -> None:
         self.committed = False
         self.cancelled = False
 
@@ -80,7 +80,7 @@ def enter() -> tuple[Scope, contextvars.Token[Scope | None] | None]:
     s = _current.get()
     if s is not None:
         return s, None
-    s = Scope(_current_task())
+    s = Scope()
     return s, _current.set(s)
 
 
@@ -111,7 +111,7 @@ def deferred() -> bool:
     cancellation is recorded for ``leave`` and the handler must go on with the work; False if it must
     propagate."""
     s = _current.get()
-    if s is None or not s.committed or s.task is not _current_task():
+    if s is None or not s.committed:
         return False
     s.cancelled = True
     return True

@@ -13,9 +13,10 @@ Semantics follow QEMU's file-posix driver where users can see them:
 last sector reads as zeroes). The length is kept in memory after open: the node is the only writer while open.
 
 Cancellation (:mod:`aioblock.cancellation`): every request that changes the file (write, write-zeroes, discard,
-truncate) commits the request it belongs to before it reaches the engine, and runs in a scope of its own when
-it belongs to none, so a cancellation never stops it between the syscall and the bookkeeping after it (the
-file's length).
+truncate) commits the request it belongs to before it reaches the engine. The file's length is updated before a
+write is issued (a write that is then cancelled or fails may have grown the file; a length too large only means
+zeroes read past the real end); write-zeroes and truncate run in a scope of their own when they belong to no
+request, so that their bookkeeping follows the syscall.
 """
 
 from __future__ import annotations
@@ -163,27 +164,24 @@ class FileNode(BlockDriver):
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
         if self.read_only:
             raise ReadOnlyError("Block node is read-only", filename=self.filename)
-        scope, token = cancellation.enter()
-        scope.committed = True
-        try:
-            if self.direct:
-                await self._bounce_write(offset, buf)
-            else:
-                pos, end, engine, fd = 0, len(buf), self.engine, self.fd
-                while pos < end:
-                    try:
-                        n = await engine.pwrite(fd, buf[pos:] if pos else buf, offset + pos)
-                    except OSError as exc:
-                        raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-                    if n == 0:
-                        raise BlockIOError(_errno.ENOSPC, filename=self.filename)
-                    pos += n
-            if offset + len(buf) > self._size:
-                self._size = offset + len(buf)
-            if fua:
-                await self.flush()
-        finally:
-            cancellation.leave(scope, token)
+        cancellation.commit()
+        end = offset + len(buf)
+        if end > self._size:             # before the write: a cancelled or failed one may have grown the file
+            self._size = end
+        if self.direct:
+            await self._bounce_write(offset, buf)
+        else:
+            pos, engine, fd = 0, self.engine, self.fd
+            while pos < len(buf):
+                try:
+                    n = await engine.pwrite(fd, buf[pos:] if pos else buf, offset + pos)
+                except OSError as exc:
+                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+                if n == 0:
+                    raise BlockIOError(_errno.ENOSPC, filename=self.filename)
+                pos += n
+        if fua:
+            await self.flush()
 
     async def _bounce_read(self, offset: int, buf: memoryview) -> None:
         """O_DIRECT read through an aligned buffer; offset and length are aligned by the backend."""

@@ -168,3 +168,65 @@ async def test_truncate_and_block_status(tmp_path: Path) -> None:
         assert disk.size == 2 << 20
         assert await disk.read((2 << 20) - 10, 10) == bytes(10)
     assert os.path.getsize(path) == 2 << 20
+
+
+async def test_unclosed_disk_gives_a_resource_warning(tmp_path: Path) -> None:
+    import gc
+    import warnings
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(4096))
+    disk = await aioblock.open(str(path), "raw", engine="sync")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await disk.root.close()                 # the file closed, the disk itself never
+        del disk
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) and "never closed" in str(w.message) for w in caught)
+
+
+async def test_closed_disk_gives_no_warning(tmp_path: Path) -> None:
+    import gc
+    import warnings
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(4096))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with aioblock.open(str(path), "raw", engine="sync") as disk:
+            await disk.write(0, b"x")
+        del disk
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def test_cancelled_requests_are_counted_apart_from_errors(tmp_path: Path) -> None:
+    from aioblock.testing.faults import FaultInjector
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(65536))
+    inj = FaultInjector()
+    async with aioblock.open(str(path), "raw", engine="sync", options={"inject": inj}) as disk:
+        gate = inj.pause(op="read")
+        task = asyncio.create_task(disk.read(0, 512))
+        await gate.wait_paused()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        inj.fail(op="write")
+        with pytest.raises(aioblock.errors.BlockIOError):
+            await disk.write(0, b"y")
+        stats = disk.statistics()
+        assert (stats.read.ops, stats.read.errors, stats.read.cancelled) == (0, 0, 1)
+        assert (stats.write.ops, stats.write.errors, stats.write.cancelled) == (0, 1, 0)
+        assert stats.in_flight == 0
+
+
+async def test_qcow2_statistics_reach_the_driver(tmp_path: Path) -> None:
+    path = tmp_path / "d.qcow2"
+    await aioblock.create(str(path), "qcow2", "4M")
+    async with aioblock.open(str(path), engine="sync") as disk:
+        await asyncio.gather(*(disk.write(i * 4096, b"z" * 4096) for i in range(16)))
+        await disk.read(0, 4096)
+        drv = disk.statistics().driver
+    assert set(drv) == {"l2_cache", "refblock_cache", "allocations", "metadata_lock", "flusher_runs"}
+    assert drv["allocations"]["started"] >= 1 and drv["allocations"]["in_flight"] == 0
+    assert drv["allocations"]["started"] == drv["allocations"]["linked"] + drv["allocations"]["aborted"]
+    assert drv["l2_cache"]["hits"] > 0

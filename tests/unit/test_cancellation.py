@@ -110,23 +110,6 @@ async def test_nested_scopes_are_one_and_the_outermost_raises() -> None:
     assert reached == ["inner returned"]
 
 
-async def test_a_child_task_does_not_defer_into_its_parents_scope() -> None:
-    scope, token = cancellation.enter()
-    scope.committed = True
-    try:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        child = asyncio.create_task(cancellation.wait(fut))   # copies the context: sees the scope
-        await ticks(1)
-        child.cancel()
-        await ticks(3)
-        fut.set_result(None)
-        with pytest.raises(asyncio.CancelledError):
-            await child
-        assert not scope.cancelled
-    finally:
-        cancellation.leave(scope, token)
-
-
 # ---- the lock ----------------------------------------------------------------------------------------------------
 
 async def test_lock_section_runs_to_its_end_and_raises_after_release() -> None:

@@ -43,28 +43,30 @@ __all__ = ["ClusterAlloc", "free_entry", "reads_zero", "write", "write_in_place"
 _Q = struct.Struct(">Q")
 _QQ = struct.Struct(">QQ")
 _IN_PLACE = DATA | OWNED
+_FILLING, _WRITTEN = AllocState.FILLING, AllocState.WRITTEN
+_NO_BITS: list[int] = []
 
 
 class ClusterAlloc(Allocation):
     """An allocating write of guest clusters ``[first, first + count)`` to host clusters from ``host`` on.
 
     ``new``: host clusters newly reserved (else the clusters are ours already: extended L2 subclusters being
-    allocated in place). ``blank``: nothing to copy (new clusters past the end of the file replacing nothing).
+    allocated in place). ``replaces``: a new cluster replaces one that maps host space (its reference is dropped
+    when linked). ``blank``: nothing to copy (new clusters past the end of the file replacing nothing).
     ``region``: the guest byte range written to the host (data plus copy-on-write). ``bits``: extended L2, the
-    subclusters written, per cluster. ``old``: the (entry, bitmap) each cluster had when planned; claimed, they
-    cannot change until the allocation finishes."""
+    subclusters written, per cluster. The claimed clusters' L2 entries cannot change until it finishes."""
 
-    __slots__ = ("bits", "blank", "host", "new", "old", "region")
+    __slots__ = ("bits", "blank", "host", "new", "region", "replaces")
 
-    def __init__(self, first: int, count: int, new: bool, region: tuple[int, int], bits: list[int],
-                 old: list[tuple[int, int]]) -> None:
-        super().__init__(first, count)
+    def __init__(self, first: int, count: int, new: bool, replaces: bool, region: tuple[int, int],
+                 bits: list[int]) -> None:
+        Allocation.__init__(self, first, count)
         self.host = 0
         self.new = new
+        self.replaces = replaces
         self.blank = False
         self.region = region
         self.bits = bits
-        self.old = old
 
 
 # ---- one chunk of a write ---------------------------------------------------------------------------------------
@@ -74,9 +76,10 @@ async def write(st: Qcow2State, guest: int, view: memoryview) -> int:
     length = len(view)
     cb = st.cluster_bits
     allocs = st.allocs
+    claims = st.claims
     while True:
         gc = guest >> cb
-        blocker = allocs.blocker(gc, gc + 1)
+        blocker = claims.get(gc) if claims else None
         if blocker is not None:
             await allocs.wait_for(blocker)
             continue
@@ -90,10 +93,10 @@ async def write(st: Qcow2State, guest: int, view: memoryview) -> int:
                 a = _start_now(st, s.data, guest, length)
                 if a is not None:
                     return await _fill_and_link(st, a, guest, view)
-        plugged = False
+        plugged, a = False, None
         async with st.lock:
-            blocker = allocs.blocker(gc, gc + 1)
-            if blocker is None and not (plugged := allocs.plugged_now):
+            blocker = claims.get(gc)
+            if blocker is None and not (plugged := allocs.plugs > 0):
                 s = await l2_for_write(st, guest)
                 try:
                     kind, host, n = scan(st, s.data, guest, length)
@@ -134,34 +137,43 @@ async def write_in_place(st: Qcow2State, host: int, view: memoryview) -> None:
 def _plan(st: Qcow2State, data: bytearray, guest: int, length: int) -> ClusterAlloc:
     """The allocation the start of ``[guest, guest+length)`` needs, from its slice ``data`` (never suspends):
     a run of clusters none of which an allocation in flight claims, whose new contents need a new host cluster
-    each (or, with extended L2, one cluster of ours whose subclusters get allocated in place)."""
+    each (or, with extended L2, one cluster of ours whose subclusters get allocated in place). The caller has
+    checked that no allocation claims the first cluster."""
     cs, cb = st.cs, st.cluster_bits
     gc = guest >> cb
     idx = gc & st.slice_mask
-    first, _ = entry(st, data, idx)
-    in_place = bool(st.ext_l2 and first & OFLAG_COPIED and not first & OFLAG_COMPRESSED
-                    and first & L.L2E_OFFSET_MASK)
-    replaces = bool(first & MAPS_HOST) and not in_place
     end = guest + length
-    k = 1
-    if not (st.ext_l2 and (in_place or replaces)):
+    claims = st.claims
+    if not st.ext_l2:
+        e = _Q.unpack_from(data, idx * 8)[0]
+        maps = e & MAPS_HOST
+        k = 1
         limit = min(-(-end // cs) - gc, st.slice_entries - idx)
-        claimed = st.allocs.claimed
-        while k < limit and not claimed(gc + k):
-            e2, _ = entry(st, data, idx + k)
-            if e2 & OFLAG_COPIED and not e2 & (OFLAG_COMPRESSED | OFLAG_ZERO):
+        while k < limit and (gc + k) not in claims:
+            e = _Q.unpack_from(data, (idx + k) * 8)[0]
+            if e & OFLAG_COPIED and not e & (OFLAG_COMPRESSED | OFLAG_ZERO):
                 break                                 # ours already: written in place next time
-            if st.ext_l2 and e2 & MAPS_HOST:
+            maps |= e & MAPS_HOST
+            k += 1
+        return ClusterAlloc(gc, k, True, bool(maps), (gc << cb, (gc + k) << cb), _NO_BITS)
+    first, bitmap = entry(st, data, idx)
+    in_place = bool(first & OFLAG_COPIED and not first & OFLAG_COMPRESSED and first & L.L2E_OFFSET_MASK)
+    replaces = bool(first & MAPS_HOST) and not in_place
+    k = 1
+    if not (in_place or replaces):
+        limit = min(-(-end // cs) - gc, st.slice_entries - idx)
+        while k < limit and (gc + k) not in claims:
+            e2, _ = entry(st, data, idx + k)
+            if e2 & MAPS_HOST or (e2 & OFLAG_COPIED and not e2 & (OFLAG_COMPRESSED | OFLAG_ZERO)):
                 break
             k += 1
     data_end = min(end, (gc + k) << cb)
-    if st.ext_l2 and not replaces:
+    if not replaces:
         # COW only the partial subclusters that are not allocated in place: an allocated one may be
         # overwritten concurrently by an in-place write, which a copy of its old bytes would undo
         sc = st.sc_size
         region = (guest - guest % sc, -(-data_end // sc) * sc)
         if in_place:
-            _, bitmap = entry(st, data, idx)
             if bitmap >> ((guest & (cs - 1)) >> st.sc_bits) & 1:
                 region = (guest, region[1])
             if bitmap >> (((data_end - 1) & (cs - 1)) >> st.sc_bits) & 1:
@@ -169,14 +181,13 @@ def _plan(st: Qcow2State, data: bytearray, guest: int, length: int) -> ClusterAl
     else:
         region = (gc << cb, (gc + k) << cb)
     bits = []
-    if st.ext_l2:
-        for i in range(k):
-            c0 = (gc + i) << cb
-            lo = max(region[0], c0) - c0
-            hi = min(region[1], c0 + cs) - c0
-            sc_first, sc_last = lo >> st.sc_bits, (hi - 1) >> st.sc_bits
-            bits.append(((1 << (sc_last + 1)) - 1) & ~((1 << sc_first) - 1))
-    a = ClusterAlloc(gc, k, not in_place, region, bits, [entry(st, data, idx + i) for i in range(k)])
+    for i in range(k):
+        c0 = (gc + i) << cb
+        lo = max(region[0], c0) - c0
+        hi = min(region[1], c0 + cs) - c0
+        sc_first, sc_last = lo >> st.sc_bits, (hi - 1) >> st.sc_bits
+        bits.append(((1 << (sc_last + 1)) - 1) & ~((1 << sc_first) - 1))
+    a = ClusterAlloc(gc, k, not in_place, replaces, region, bits)
     if in_place:
         a.host = first & L.L2E_OFFSET_MASK
     return a
@@ -187,24 +198,22 @@ def _set_host(st: Qcow2State, a: ClusterAlloc, host: int) -> None:
     its owner writes it, and I/O to a cluster finishes before it can be freed): it reads as zeroes, so when
     what it replaces reads as zeroes too (it maps nothing, and there is no backing file) nothing is copied."""
     a.host = host
-    a.blank = (host >= st.file.size and st.backing is None and not any(e & MAPS_HOST for e, _ in a.old))
+    a.blank = host >= st.file.size and st.node.backing is None and not a.replaces
 
 
 def _start_now(st: Qcow2State, data: bytearray, guest: int, length: int) -> ClusterAlloc | None:
     """Start an allocation in one synchronous step (the lock is free: a lock-free moment, state.py), from the
     cached slice ``data`` of an L2 table of ours. None, with nothing changed, when that needs I/O first: a
     refcount block to load or create, the lazy-refcounts dirty bit to set. Registering commits the request."""
-    if st.header.lazy_refcounts and not st.dirty:
+    if (st.header.lazy_refcounts and not st.dirty) or st.allocs.plugs:
         return None
     a = _plan(st, data, guest, length)
-    if st.allocs.blocker(a.first, a.end) is not None or st.allocs.plugged_now:
-        return None
     if a.new:
         host = st.refcounts.alloc_now(a.count)
         if host is None:
             return None
         _set_host(st, a, host)
-        st.event("cluster_alloc")
+        st.file.event("cluster_alloc")
     started = st.allocs.try_start(a)
     assert started, "nothing could claim the clusters: this never suspended"
     return a
@@ -240,14 +249,14 @@ async def _fill_and_link(st: Qcow2State, a: ClusterAlloc, guest: int, view: memo
     n = min(len(view), r1 - guest)
     linked = False
     try:
-        a.advance(AllocState.FILLING)
+        a.advance(_FILLING)
         if r0 < guest and not a.blank:
             await _cow(st, r0, guest, a.host + (r0 - g0))
-        st.event("write_aio")
+        st.file.event("write_aio")
         await st.metaio.write(a.host + (guest - g0), view[:n], DATA_KIND)
         if guest + n < r1 and not a.blank:
             await _cow(st, guest + n, r1, a.host + (guest + n - g0))
-        a.advance(AllocState.WRITTEN)
+        a.advance(_WRITTEN)
         if _link_now(st, a):
             linked = True
         else:
@@ -290,17 +299,20 @@ def _apply_link(st: Qcow2State, data: bytearray, a: ClusterAlloc) -> list[int]:
     cb = st.cluster_bits
     idx = a.first & st.slice_mask
     freed: list[int] = []
+    if not st.ext_l2:
+        for i in range(a.count):
+            old_entry = _Q.unpack_from(data, (idx + i) * 8)[0]
+            _Q.pack_into(data, (idx + i) * 8, (a.host + (i << cb)) | OFLAG_COPIED)
+            if a.new and old_entry & MAPS_HOST:
+                freed.append(old_entry)
+        return freed
     for i in range(a.count):
-        old_entry, old_bitmap = entry(st, data, idx + i)
-        host = a.host + (i << cb)
-        if st.ext_l2:
-            # a replaced cluster was copied whole (bits: all); an in-place one keeps its bits
-            bits = a.bits[i]
-            alloc = ((0 if a.new else old_bitmap) | bits) & L.SC_ALLOC_MASK
-            zero = (old_bitmap >> L.SC_ZERO_SHIFT) & ~bits & L.SC_ALLOC_MASK
-            _QQ.pack_into(data, (idx + i) * 16, host | OFLAG_COPIED, alloc | (zero << L.SC_ZERO_SHIFT))
-        else:
-            _Q.pack_into(data, (idx + i) * 8, host | OFLAG_COPIED)
+        old_entry, old_bitmap = _QQ.unpack_from(data, (idx + i) * 16)
+        # a replaced cluster was copied whole (bits: all); an in-place one keeps its bits
+        bits = a.bits[i]
+        alloc = ((0 if a.new else old_bitmap) | bits) & L.SC_ALLOC_MASK
+        zero = (old_bitmap >> L.SC_ZERO_SHIFT) & ~bits & L.SC_ALLOC_MASK
+        _QQ.pack_into(data, (idx + i) * 16, (a.host + (i << cb)) | OFLAG_COPIED, alloc | (zero << L.SC_ZERO_SHIFT))
         if a.new and old_entry & MAPS_HOST:
             freed.append(old_entry)
     return freed
@@ -316,7 +328,7 @@ def _link_now(st: Qcow2State, a: ClusterAlloc) -> bool:
     s = peek_own(st, guest)
     if s is None:
         return False
-    if a.new and any(e & MAPS_HOST for e, _ in a.old):
+    if a.new and a.replaces:
         return False
     cache = st.l2cache
     if not st.header.lazy_refcounts and not cache.set_dependency_now(st.refcounts.cache):

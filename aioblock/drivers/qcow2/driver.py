@@ -4,8 +4,10 @@ The request work lives in modules by concern, listed with the lock order and the
 ``state.py``: ``read``, ``alloc`` (writes), ``zero`` (write-zeroes, discard), ``compressed``, ``resize``,
 ``check``. This class owns the :class:`Qcow2State` and turns requests into calls of those modules.
 
-Every request that may change the image runs in a cancellation scope (:mod:`aioblock.cancellation`; nested in
-the backend's when there is one), so that once it has changed anything it runs to its end.
+Cancellation: requests run in the scope BlockBackend opens for each (:mod:`aioblock.cancellation`), so that a
+request that has changed anything runs to its end; the parts that must never stop halfway (a locked section, an
+allocation from its registration to its completion, a file write and its bookkeeping) are protected whether or
+not a request scope exists.
 
 Durability: the L2 cache depends on the refcount cache (refcount before reference) and on a flush of the data
 (data and COW before mapping); the refcount cache depends on the L2 cache for decrements (unreference before
@@ -29,7 +31,7 @@ from . import alloc, compressed, read, resize, zero
 from . import layout as L
 from .check import check_image
 from .layout import Header, parse_header
-from .mapping import COMPRESSED, DATA, KIND_MASK, ZERO, lookup
+from .mapping import COMPRESSED, DATA, KIND_MASK, ZERO, lookup, peek, scan
 from .metaio import HEADER, L1, L2, REFBLOCK, REFTABLE, SNAPSHOT_L1, SNAPSHOTS, MetadataMap, MetaIO, OverlapError
 from .refcount import Refcounts, load_table
 from .state import Qcow2State
@@ -264,12 +266,19 @@ class Qcow2Driver(BlockDriver):
     # ---- requests -------------------------------------------------------------------------------------------
 
     async def pread(self, offset: int, buf: memoryview) -> None:
-        await read.pread(self.st, offset, buf)
+        st = self.st
+        if st.fast_io:                 # one lookup in a cached slice, one file read
+            s = peek(st, offset)
+            if s is not None:
+                kind, host, n = scan(st, s.data, offset, len(buf))
+                if kind & KIND_MASK == DATA and n == len(buf):
+                    await self.file.pread(host, buf)
+                    return
+        await read.pread(st, offset, buf)
 
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
         st = self.st
         st.check_usable(True)
-        scope, token = cancellation.enter()
         try:
             pos, total = 0, len(buf)
             while pos < total:
@@ -279,41 +288,23 @@ class Qcow2Driver(BlockDriver):
         except BlockIOError:
             await st.after_error()
             raise
-        finally:
-            cancellation.leave(scope, token)
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False) -> None:
-        scope, token = cancellation.enter()
-        try:
-            await zero.pwrite_zeroes(self.st, offset, length, may_unmap=may_unmap)
-            if fua:
-                await self._flush()
-        finally:
-            cancellation.leave(scope, token)
+        await zero.pwrite_zeroes(self.st, offset, length, may_unmap=may_unmap)
+        if fua:
+            await self._flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        scope, token = cancellation.enter()
-        try:
-            await zero.pdiscard(self.st, offset, length)
-        finally:
-            cancellation.leave(scope, token)
+        await zero.pdiscard(self.st, offset, length)
 
     async def pwrite_compressed(self, offset: int, buf: memoryview) -> None:
-        scope, token = cancellation.enter()
-        try:
-            await compressed.pwrite_compressed(self.st, offset, buf)
-        finally:
-            cancellation.leave(scope, token)
+        await compressed.pwrite_compressed(self.st, offset, buf)
 
     async def flush(self) -> None:
         self.st.check_usable(False)
         if self.read_only:
             return
-        scope, token = cancellation.enter()
-        try:
-            await self._flush()
-        finally:
-            cancellation.leave(scope, token)
+        await self._flush()
 
     async def _flush(self) -> None:
         st = self.st
@@ -325,11 +316,7 @@ class Qcow2Driver(BlockDriver):
             raise
 
     async def truncate(self, size: int) -> None:
-        scope, token = cancellation.enter()
-        try:
-            await resize.truncate(self.st, size)
-        finally:
-            cancellation.leave(scope, token)
+        await resize.truncate(self.st, size)
 
     async def check(self, repair: str | None = None) -> CheckResult:
         return await check_image(self.st, repair)

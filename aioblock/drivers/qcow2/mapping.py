@@ -62,6 +62,9 @@ KIND_MASK = 3
 OWNED = 4
 #: L2 entry bits that make it refer to host clusters
 MAPS_HOST = L.L2E_OFFSET_MASK | OFLAG_COMPRESSED
+_L2E_OFFSET_MASK = L.L2E_OFFSET_MASK
+_COMPRESSED_OR_ZERO = OFLAG_COMPRESSED | OFLAG_ZERO
+_DATA_OWNED = DATA | OWNED
 
 
 # ---- entries -------------------------------------------------------------------------------------------------
@@ -107,7 +110,8 @@ def peek(st: Qcow2State, guest: int) -> Slice | None:
     l2off = st.l1[guest >> st.l1_shift] & L.L1E_OFFSET_MASK
     if not l2off or l2off & (st.cs - 1):
         return None
-    return st.l2cache.peek(_slice_offset(st, l2off, guest))
+    return st.l2cache.peek(
+        l2off + (((guest >> st.cluster_bits) & st.l2_index_mask) >> st.slice_shift) * st.slice_bytes)
 
 
 def peek_own(st: Qcow2State, guest: int) -> Slice | None:
@@ -117,7 +121,8 @@ def peek_own(st: Qcow2State, guest: int) -> Slice | None:
     l2off = l1e & L.L1E_OFFSET_MASK
     if not l1e & OFLAG_COPIED or not l2off or l2off & (st.cs - 1):
         return None
-    return st.l2cache.peek(_slice_offset(st, l2off, guest))
+    return st.l2cache.peek(
+        l2off + (((guest >> st.cluster_bits) & st.l2_index_mask) >> st.slice_shift) * st.slice_bytes)
 
 
 async def get_slice(st: Qcow2State, guest: int) -> Slice | None:
@@ -139,21 +144,49 @@ def scan(st: Qcow2State, data: bytearray, guest: int, length: int) -> tuple[int,
     (see the module docstring). Never suspends; raises the corruption error for a bad entry."""
     cb, cs = st.cluster_bits, st.cs
     idx = (guest >> cb) & st.slice_mask
-    kind, host, n = _unit(st, data, idx, guest)
+    if st.ext_l2:
+        return _scan_extended(st, data, idx, guest, length)
+    e = _Q.unpack_from(data, idx * 8)[0]
+    within = guest & (cs - 1)
+    n = cs - within
+    host = e & _L2E_OFFSET_MASK
+    if host and not e & _COMPRESSED_OR_ZERO:           # data: the common case first
+        if host & (cs - 1):
+            raise st.corruption(f"Cluster allocation offset {host:#x} unaligned ({where(st, guest)})")
+        kind = _DATA_OWNED if e & OFLAG_COPIED else DATA
+    elif e & OFLAG_COMPRESSED:
+        return COMPRESSED, e, n if n < length else length
+    elif e & OFLAG_ZERO:
+        if st.header.version < 3:
+            raise st.corruption(f"Zero cluster entry found in pre-v3 image ({where(st, guest)})")
+        if host & (cs - 1):
+            raise st.corruption(f"Preallocated zero cluster offset {host:#x} unaligned (guest offset: "
+                                f"{hx(guest & ~(cs - 1))})")
+        kind = ZERO
+    else:
+        kind = UNALLOC
+    at = host + within if host else 0
+    if n >= length:
+        return kind, at, length
+    # A standard entry continues the run iff it equals the previous one advanced by a cluster (by nothing when
+    # the run has no host offset): same flags, so same kind and the same validity.
+    last = min(st.slice_entries, idx + 1 + ((length - n + cs - 1) >> cb))
+    step = cs if host else 0
+    expect = e
+    for e in struct.unpack_from(f">{last - idx - 1}Q", data, idx * 8 + 8):
+        expect += step
+        if e != expect:
+            break
+        n += cs
+    return kind, at, min(n, length)
+
+
+def _scan_extended(st: Qcow2State, data: bytearray, idx: int, guest: int, length: int) -> tuple[int, int, int]:
+    """``scan`` for extended L2 entries: runs of subclusters."""
+    cs = st.cs
+    kind, host, n = _subcluster(st, data, idx, guest)
     if kind == COMPRESSED or n >= length:
         return kind, host, min(length, n)
-    if not st.ext_l2:
-        # A standard entry continues the run iff it equals the previous one advanced by a cluster (by
-        # nothing when the run has no host offset): same flags, so same kind and the same validity.
-        last = min(st.slice_entries, idx + 1 + ((length - n + cs - 1) >> cb))
-        step = cs if host else 0
-        expect = _Q.unpack_from(data, idx * 8)[0]
-        for e in struct.unpack_from(f">{last - idx - 1}Q", data, idx * 8 + 8):
-            expect += step
-            if e != expect:
-                break
-            n += cs
-        return kind, host, min(n, length)
     end_host = host + n
     pos = guest + n
     while n < length:
@@ -161,7 +194,7 @@ def scan(st: Qcow2State, data: bytearray, guest: int, length: int) -> tuple[int,
             idx += 1
             if idx >= st.slice_entries:
                 break
-        k2, h2, n2 = _unit(st, data, idx, pos)
+        k2, h2, n2 = _subcluster(st, data, idx, pos)
         if k2 != kind or h2 != (end_host if host else 0):
             break
         n += n2
@@ -170,27 +203,10 @@ def scan(st: Qcow2State, data: bytearray, guest: int, length: int) -> tuple[int,
     return kind, host, min(n, length)
 
 
-def _unit(st: Qcow2State, data: bytearray, idx: int, guest: int) -> tuple[int, int, int]:
-    """Kind, host offset and length of the (sub)cluster containing ``guest``, from its offset to its end."""
+def _subcluster(st: Qcow2State, data: bytearray, idx: int, guest: int) -> tuple[int, int, int]:
+    """Kind, host offset and length of the subcluster containing ``guest`` (extended L2), to its end."""
     cs = st.cs
     within = guest & (cs - 1)
-    if not st.ext_l2:
-        e = _Q.unpack_from(data, idx * 8)[0]
-        if e & OFLAG_COMPRESSED:
-            return COMPRESSED, e, cs - within
-        host = e & L.L2E_OFFSET_MASK
-        if e & OFLAG_ZERO:
-            if st.header.version < 3:
-                raise st.corruption(f"Zero cluster entry found in pre-v3 image ({where(st, guest)})")
-            if host & (cs - 1):
-                raise st.corruption(f"Preallocated zero cluster offset {host:#x} unaligned (guest offset: "
-                                    f"{hx(guest & ~(cs - 1))})")
-            return ZERO, host + within if host else 0, cs - within
-        if host:
-            if host & (cs - 1):
-                raise st.corruption(f"Cluster allocation offset {host:#x} unaligned ({where(st, guest)})")
-            return (DATA | OWNED if e & OFLAG_COPIED else DATA), host + within, cs - within
-        return UNALLOC, 0, cs - within
     e, bitmap = _QQ.unpack_from(data, idx * 16)
     if e & OFLAG_COMPRESSED:
         return COMPRESSED, e, cs - within

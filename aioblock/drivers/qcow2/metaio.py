@@ -212,10 +212,12 @@ class MetadataMap:
         return table if block is None else CONFLICT
 
     def check(self, offset: int, length: int, kind: str) -> None:
-        """Raise OverlapError if ``[offset, offset+length)`` touches metadata of a kind other than ``kind``."""
+        """Raise OverlapError if ``[offset, offset+length)`` touches metadata of a kind other than ``kind``.
+        (Every data write pays for this: the common answer, nothing there, takes two bisections.)"""
         if length <= 0:
             return
-        first, end = self._span(offset, length)
+        cb = self.cluster_bits
+        first, end = offset >> cb, ((offset + length - 1) >> cb) + 1
         blocks = self._blocks
         i = bisect.bisect_left(blocks, first << 3)
         while i < len(blocks) and blocks[i] < end << 3:
@@ -223,6 +225,10 @@ class MetadataMap:
             if found != kind:
                 raise OverlapError(f"Preventing invalid write on metadata (overlaps with {found})")
             i += 1
+        starts = self._starts
+        t = bisect.bisect_right(starts, first) - 1
+        if (t < 0 or self._ends[t] <= first) and (t + 1 >= len(starts) or starts[t + 1] >= end):
+            return                                # no table range overlaps
         table = self._table_kind_in(first, end, unless=kind)
         if table is not None:
             raise OverlapError(f"Preventing invalid write on metadata (overlaps with {table})")

@@ -94,14 +94,19 @@ class Refcounts:
         self.end_cluster = -(-io.file.size // self.cluster_size)
         #: where the next compressed cluster may be packed (0: start a new cluster)
         self.free_byte_offset = 0
+        #: (reftable index, entry) of the last refcount block validated by ``refblock_offset``
+        self._valid: tuple[int, int] | None = None
 
     # ---- reading -------------------------------------------------------------------------------------------
 
     def refblock_offset(self, ri: int) -> int:
-        """The refcount block of reftable index ``ri`` (0: none), validated."""
+        """The refcount block of reftable index ``ri`` (0: none), validated (the last one validated is
+        remembered: allocation asks for the same block again and again)."""
         if ri >= len(self.reftable):
             return 0
         entry = self.reftable[ri]
+        if entry and self._valid == (ri, entry):
+            return entry & REFT_OFFSET_MASK
         off = entry & REFT_OFFSET_MASK
         if off & (self.cluster_size - 1):
             raise self.corruption(f"Refblock offset {off:#x} unaligned (reftable index: "

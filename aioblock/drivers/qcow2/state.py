@@ -83,6 +83,8 @@ class Qcow2State:
         self.header = header
         self.lock = cancellation.Lock()
         self.allocs = AllocationQueue()
+        #: claimed guest cluster -> its allocation in flight (``allocs.units``: read-only here)
+        self.claims = self.allocs.units
         # geometry (fixed)
         self.cluster_bits = header.cluster_bits
         self.cs = header.cluster_size
