@@ -30,6 +30,7 @@ from typing import Any
 from .. import api
 from ..backend import BlockBackend
 from ..errors import AioblockError, InvalidOptionError
+from ..io.engine import ENGINES
 from ..sizes import parse_size
 
 __all__ = ["BenchResult", "BenchSettings", "add_parser", "run", "run_bench"]
@@ -61,7 +62,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", dest="offset", default="0", metavar="OFFSET", help="offset of the first request")
     p.add_argument("-w", dest="write", action="store_true", help="write instead of reading")
     p.add_argument("-t", dest="cache", default=None, metavar="CACHE", help="cache mode: writeback | none")
-    p.add_argument("-n", dest="nocache", action="store_true", help="same as -t none (O_DIRECT)")
+    p.add_argument("-n", dest="native", action="store_true",
+                   help="native AIO, as qemu-img's -i native (aioblock's kernel-async engine, uring); "
+                        "needs -t none")
     p.add_argument("-i", dest="engine", default=None, metavar="ENGINE",
                    help="I/O engine: uring | threads | sync (qemu's io_uring, native and threads are "
                         "accepted too; default: aioblock's default engine)")
@@ -193,15 +196,23 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _open_options(args: argparse.Namespace) -> tuple[str | None, str]:
-    """(engine, cache) for aioblock.open from -i, -t and -n."""
+    """(engine, cache) for aioblock.open from -i, -t and -n.
+
+    ``-n`` is qemu-img's native AIO: the kernel-async engine (uring; Linux AIO is not implemented) unless
+    ``-i`` names one, and, as in qemu-img, refused without ``-t none`` (native AIO needs O_DIRECT)."""
     engine = None
     if args.engine is not None:
         engine = ENGINE_NAMES.get(args.engine)
         if engine is None:
-            raise InvalidOptionError(f"Invalid aio option: {args.engine} (choose from uring, threads, sync)")
-    cache = "none" if args.nocache else (args.cache or "writeback")
+            raise InvalidOptionError(f"Invalid aio option: {args.engine} (choose from {', '.join(ENGINES)})")
+    cache = args.cache or "writeback"
     if cache not in ("writeback", "none"):
         raise InvalidOptionError(f"Invalid cache mode '{cache}' (choose from writeback, none)")
+    if args.native:
+        if cache != "none":
+            raise InvalidOptionError("aio=native was specified, but it requires cache.direct=on, which was "
+                                     "not specified.")
+        engine = engine or "uring"
     return engine, cache
 
 

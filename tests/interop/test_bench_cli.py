@@ -122,7 +122,8 @@ def test_read_run_does_not_modify_the_image(tmp_path: Path) -> None:
 
 def test_cache_none(tmp_path: Path) -> None:
     img = _filled(tmp_path / "d.raw", 1 << 20)
-    for args in (["-n"], ["-t", "none"], ["-t", "none", "-w", "--pattern", "0x22", "-s", "1000", "-S", "4k"]):
+    for args in (["-n", "-t", "none"], ["-t", "none"],
+                 ["-t", "none", "-w", "--pattern", "0x22", "-s", "1000", "-S", "4k"]):
         res = aioblock_cli("bench", "-f", "raw", "-c", "50", "-d", "4", *args, str(img))
         if res.returncode != 0 and "O_DIRECT" in res.stderr:
             pytest.skip("the test directory's file system has no O_DIRECT")
@@ -130,6 +131,15 @@ def test_cache_none(tmp_path: Path) -> None:
         _check_output(res.stdout)
     data = img.read_bytes()
     assert data[:1000] == b"\x22" * 1000 and data[1000:4096] == b"\xff" * 3096      # RMW kept the rest
+
+
+@needs_qemu
+def test_native_aio_needs_cache_none_as_in_qemu_img(tmp_path: Path) -> None:
+    img = _filled(tmp_path / "n.raw", 1 << 20)
+    for res in (aioblock_cli("bench", "-f", "raw", "-c", "10", "-n", str(img)),
+                qemu_img("bench", "-f", "raw", "-c", "10", "-n", str(img), check=False)):
+        assert res.returncode == 1
+        assert "aio=native was specified, but it requires cache.direct=on" in res.stderr
 
 
 @pytest.mark.parametrize(("count", "depth", "interval", "drain", "flushes"), [
