@@ -3,11 +3,8 @@
 Generic request work is done here once for every driver:
 
 * bounds checks (``OutOfRangeError``) and the closed check (``ClosedError``);
-* requests of any offset and length: where the root node needs alignment (O_DIRECT), unaligned reads read the
-  covering aligned range, and unaligned writes are read-modify-write; every request is then *tracked* by its
-  aligned range, and an RMW write is *serialising*: it waits for all earlier overlapping requests and every
-  later overlapping request waits for it, so that two RMWs of one sector never lose each other's bytes;
-* splitting at the node's ``max_transfer``;
+* splitting at the node's ``max_transfer`` (requests of any offset and length go down as they are: the file
+  node does O_DIRECT's alignment and read-modify-write for every node, :mod:`aioblock.io.file`);
 * in-flight accounting for ``drain`` and ``close``, and per-operation statistics.
 
 Concurrency: any number of tasks may call any request method at once. ``truncate`` and ``close`` drain first.
@@ -32,7 +29,6 @@ from .cancellation import CancelledError
 from .driver import BlockDriver, CheckResult
 from .errors import ClosedError, NotSupportedError, OutOfRangeError, ReadOnlyError
 from .node import close_graph, resolve_backing_name
-from .tracking import RangeTracker
 
 __all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStatistics"]
 
@@ -158,7 +154,7 @@ class ImageInfo:
 class BlockBackend:
     """A disk: the root node of a graph plus the generic request layer. Create with ``aioblock.open``.
 
-    State: ``_in_flight``/``_idle`` (drain), ``_tracker`` (RMW serialisation) and the statistics are touched
+    State: ``_in_flight``/``_idle`` (drain) and the statistics are touched
     only from the event loop, between awaits: no lock is needed.
     """
 
@@ -167,13 +163,11 @@ class BlockBackend:
         self.filename = root.filename
         self.format = root.format_name
         self.read_only = read_only
-        self._align = root.limits.request_alignment
-        self._max = max(root.limits.max_transfer // self._align * self._align, self._align)
+        self._max = root.limits.max_transfer
         self._in_flight = 0
         self._max_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tracker = RangeTracker()
         self._closing = False
         self._closed = False
         self._close_lock = asyncio.Lock()
@@ -273,25 +267,11 @@ class BlockBackend:
         length = len(buf)
         t0 = self._begin(offset, length, write=False)
         try:
-            if length:
-                a = self._align
-                if a == 1:
-                    if length <= self._max:                   # the common case, one frame less
-                        await self.root.pread(offset, buf)
-                    else:
-                        await self._split_read(offset, buf)
-                else:
-                    start, end = offset // a * a, -(-(offset + length) // a) * a
-                    me = await self._tracker.track(start, end, False)
-                    try:
-                        if start == offset and end == offset + length:
-                            await self._split_read(offset, buf)
-                        else:
-                            bounce = bytearray(end - start)
-                            await self._split_read(start, memoryview(bounce))
-                            buf[:] = memoryview(bounce)[offset - start:offset - start + length]
-                    finally:
-                        self._tracker.untrack(me)
+            if length <= self._max:                   # the common case, one frame less
+                if length:
+                    await self.root.pread(offset, buf)
+            else:
+                await self._split_read(offset, buf)
         except BaseException as exc:
             self._end("read", length, t0, _CANCELLED if isinstance(exc, CancelledError) else _ERROR)
             raise
@@ -313,15 +293,11 @@ class BlockBackend:
         t0 = self._begin(offset, length, write=True)
         scope, token = cancellation.enter()
         try:
-            if length:
-                a = self._align
-                if a == 1:
-                    if length <= self._max:                   # the common case, one frame less
-                        await self.root.pwrite(offset, buf, fua=fua)
-                    else:
-                        await self._split_write(offset, buf, fua)
-                else:
-                    await self._aligned_write(offset, buf, fua)
+            if length <= self._max:                   # the common case, one frame less
+                if length:
+                    await self.root.pwrite(offset, buf, fua=fua)
+            else:
+                await self._split_write(offset, buf, fua)
         except BaseException as exc:
             self._end("write", length, t0, _CANCELLED if scope.cancelled or isinstance(exc, CancelledError)
                       else _ERROR)
@@ -329,25 +305,6 @@ class BlockBackend:
             raise
         self._end("write", length, t0, _CANCELLED if scope.cancelled else _OK)
         cancellation.leave(scope, token)
-
-    async def _aligned_write(self, offset: int, buf: memoryview, fua: bool) -> None:
-        a, length = self._align, len(buf)
-        start, end = offset // a * a, -(-(offset + length) // a) * a
-        rmw = start != offset or end != offset + length
-        me = await self._tracker.track(start, end, rmw)
-        try:
-            if not rmw:
-                await self._split_write(offset, buf, fua)
-                return
-            bounce = bytearray(end - start)
-            view = memoryview(bounce)
-            await self.root.pread(start, view[:a])                   # head sector
-            if end - a > start:
-                await self.root.pread(end - a, view[-a:])            # tail sector
-            view[offset - start:offset - start + length] = buf
-            await self._split_write(start, view, fua)
-        finally:
-            self._tracker.untrack(me)
 
     async def _split_write(self, offset: int, buf: memoryview, fua: bool) -> None:
         if len(buf) <= self._max:
@@ -359,20 +316,6 @@ class BlockBackend:
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False) -> None:
         """Make the range read as zeroes; with ``may_unmap`` it may also be deallocated."""
         async def run() -> None:
-            a = self._align
-            head_end = min(-(-offset // a) * a, offset + length)
-            tail_start = max((offset + length) // a * a, head_end)
-            if head_end > offset:                                     # unaligned head: RMW of zeroes
-                await self._aligned_write(offset, memoryview(bytes(head_end - offset)), fua)
-            if tail_start > head_end:
-                await self._zero_aligned(head_end, tail_start - head_end, may_unmap, fua)
-            if offset + length > tail_start and tail_start >= head_end:
-                await self._aligned_write(tail_start, memoryview(bytes(offset + length - tail_start)), fua)
-        await self._request("write_zeroes", offset, length, True, run)
-
-    async def _zero_aligned(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
-        me = await self._tracker.track(offset, offset + length, False) if self._align > 1 else None
-        try:
             try:
                 await self.root.pwrite_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
                 return
@@ -382,9 +325,7 @@ class BlockBackend:
             for pos in range(0, length, _ZERO_CHUNK):
                 n = min(_ZERO_CHUNK, length - pos)
                 await self.root.pwrite(offset + pos, zeroes[:n], fua=fua)
-        finally:
-            if me is not None:
-                self._tracker.untrack(me)
+        await self._request("write_zeroes", offset, length, True, run)
 
     async def write_compressed(self, offset: int, data: Any) -> None:
         """Write whole clusters compressed (formats with compression only; NotSupportedError otherwise)."""
@@ -395,16 +336,8 @@ class BlockBackend:
         """Tell the image the range is unused. The whole range goes to the driver, which discards what its
         granularity allows (raw punches exactly these bytes, as QEMU's file protocol does)."""
         async def run() -> None:
-            if not length:
-                return
-            a = self._align
-            me = (await self._tracker.track(offset // a * a, -(-(offset + length) // a) * a, False)
-                  if a > 1 else None)
-            try:
+            if length:
                 await self.root.pdiscard(offset, length)
-            finally:
-                if me is not None:
-                    self._tracker.untrack(me)
         await self._request("discard", offset, length, True, run)
 
     async def flush(self) -> None:

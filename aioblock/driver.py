@@ -11,9 +11,9 @@ Two kinds of callers:
   ``truncate`` (the backend drains first).
 * **I/O path** (``pread``, ``pwrite``, ``pwrite_zeroes``, ``pdiscard``, ``flush``, ``block_status``):
   called by :class:`aioblock.backend.BlockBackend` or by a parent node, concurrently. The backend guarantees that
-  every request lies inside the node (``0 <= offset``, ``offset + length <= size``), is aligned to
-  ``limits.request_alignment`` and is no longer than ``limits.max_transfer``; a parent node calling a child
-  directly must keep the same promises.
+  every request lies inside the node (``0 <= offset``, ``offset + length <= size``) and is no longer than
+  ``limits.max_transfer``; a parent node calling a child directly must keep the same promises. No alignment
+  is required anywhere: the file node aligns O_DIRECT requests itself.
 
 Buffers are single ``memoryview`` objects: every frontend (Python API, NBD, ublk) carries one buffer per
 request, so a vector type would only add copies and slicing code. (DESIGN.md's ``preadv``/``pwritev`` are
@@ -44,20 +44,21 @@ MAX_REQUEST = (1 << 31) - (1 << 16)
 class Limits:
     """Request limits of a node, fixed at open.
 
-    ``request_alignment``: offsets and lengths of I/O requests must be multiples of this (1 = any byte);
-    the backend does read-modify-write for smaller requests. ``max_transfer``: the largest request; the backend
-    splits bigger ones.
+    Every node accepts requests of any offset and length (the file node does the read-modify-write that
+    O_DIRECT needs, for every node above it). ``opt_alignment``: requests aligned to this avoid that
+    read-modify-write (O_DIRECT's block size; 1 when nothing is gained). ``max_transfer``: the largest
+    request; the backend splits bigger ones.
     """
 
-    request_alignment: int = 1
+    opt_alignment: int = 1
     max_transfer: int = MAX_REQUEST
 
     def __post_init__(self) -> None:
-        a = self.request_alignment
+        a = self.opt_alignment
         if a < 1 or a & (a - 1):
-            raise ValueError(f"request_alignment must be a power of two, not {a}")
-        if self.max_transfer < a or self.max_transfer % a:
-            raise ValueError("max_transfer must be a positive multiple of request_alignment")
+            raise ValueError(f"opt_alignment must be a power of two, not {a}")
+        if self.max_transfer < 1:
+            raise ValueError("max_transfer must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +233,9 @@ class BlockDriver(abc.ABC):
         return 0
 
     def statistics(self) -> dict[str, Any]:
-        """The node's own counters (metadata caches, allocations, locks), as plain data; empty if none."""
-        return {}
+        """The node's own counters (metadata caches, allocations, locks), as plain data, with its file node's
+        under ``"file"`` (the I/O engine's). Drivers with counters of their own extend this dict."""
+        return {"file": self.file.statistics()} if self.file is not None else {}
 
     async def actual_size(self) -> int | None:
         """Bytes the image uses on the host (qemu-img info's actual-size)."""

@@ -7,6 +7,8 @@ An engine performs positioned syscalls on a file descriptor for one event loop:
 * ``threads``: each syscall runs in the loop's default executor. Portable; a thread hop costs ~50-130 us per
   request.
 * ``uring`` (:mod:`aioblock.io.uring`): io_uring; everything queued during one loop tick is submitted at once.
+* ``hybrid`` (:mod:`aioblock.io.hybrid`), the default for page-cache I/O: inline where the kernel can answer
+  without blocking, io_uring (or threads) where it cannot.
 
 Engines return byte counts like the syscalls (short reads at end of file are the caller's business) and raise
 ``OSError`` on failure; the file node turns those into :class:`aioblock.errors.BlockIOError`.
@@ -25,24 +27,26 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .. import cancellation
 
-__all__ = ["ENGINES", "Engine", "SyncEngine", "ThreadsEngine", "fallocate", "in_thread"]
+__all__ = ["ENGINES", "Engine", "SyncEngine", "ThreadsEngine", "fallocate", "in_thread", "libc"]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+libc.fallocate.restype = ctypes.c_int
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+libc.fstatfs.restype = ctypes.c_int
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (Python's os module only has posix_fallocate). Raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -68,6 +72,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None: ...
+
+    def statistics(self) -> dict[str, Any]:
+        """The engine's counters (how requests were served), as plain data."""
+        return {"name": self.name}
 
     async def aclose(self) -> None:
         """Release the engine's resources."""
@@ -126,5 +134,5 @@ class ThreadsEngine(Engine):
         await in_thread(fallocate, fd, mode, offset, length)
 
 
-#: Engine names in the order they are preferred when the default is unavailable (see README "I/O engines").
-ENGINES = ("uring", "sync", "threads")
+#: Engine names (the default is ``hybrid`` over ``uring``; see README "I/O engines").
+ENGINES = ("hybrid", "uring", "threads", "sync")

@@ -5,7 +5,11 @@ Semantics follow QEMU's file-posix driver where users can see them:
 * reads past the end of the file return zeroes (the file may be shorter than a format driver's view);
 * writes past the end grow the file;
 * ``cache="writeback"`` uses the page cache; ``cache="none"`` opens with O_DIRECT, probes the required
-  alignment (512 or 4096 bytes) and moves data through page-aligned bounce buffers;
+  alignment (512 or 4096 bytes) and moves data through page-aligned bounce buffers. Requests of any offset and
+  length are accepted either way: with O_DIRECT the node reads the covering blocks and does read-modify-write
+  of partial ones itself, serialised per block (``aioblock.tracking``), for every node above it (QEMU's generic
+  request layer), so neither the backend nor a format driver aligns anything;
+* a failed fsync is sticky (``flush``): every later flush of the file fails until it is reopened;
 * ``pwrite_zeroes`` uses fallocate (PUNCH_HOLE when unmapping is allowed, else ZERO_RANGE); ``pdiscard`` punches
   a hole; ``block_status`` answers from SEEK_DATA / SEEK_HOLE.
 
@@ -26,11 +30,12 @@ import mmap
 import os
 import stat
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .. import cancellation
 from ..driver import BlockDriver, Extent, Limits
 from ..errors import BlockIOError, ImageOpenError, InvalidOptionError, NotSupportedError, ReadOnlyError
+from ..tracking import RangeTracker
 from .engine import (
     ENGINES,
     FALLOC_FL_KEEP_SIZE,
@@ -41,33 +46,43 @@ from .engine import (
     ThreadsEngine,
     in_thread,
 )
+from .hybrid import HybridEngine
 from .uring import UringEngine, uring_available
 
-__all__ = ["CACHE_MODES", "FileNode", "make_engine"]
+__all__ = ["CACHE_MODES", "FileNode", "available_engines", "make_engine"]
 
 CACHE_MODES = ("writeback", "none")
 _BOUNCE_CHUNK = 1 << 20          # O_DIRECT bounce buffers are at most this large; bigger requests loop
 
 
 def make_engine(name: str | None, *, direct: bool = False) -> Engine:
-    """Create an engine for the running loop. ``None`` picks the default: ``uring`` where io_uring works,
-    otherwise ``threads`` (which, like uring, never blocks the loop on a cold read) with a one-line notice on
-    stderr. Measurements behind the choice: benchmarks/README.md. ``direct``: the engine's file is opened with
-    O_DIRECT (no page-cache copies to offload)."""
+    """Create an engine for the running loop. ``None`` picks the default: ``hybrid`` (inline where the kernel
+    will not block, io_uring where it might) for page-cache files, ``uring`` for O_DIRECT ones; where io_uring
+    does not work, ``threads`` takes its place (it never blocks the loop on a cold read either), with a one-line
+    notice on stderr. Measurements behind the choice: benchmarks/README.md. ``direct``: the engine's file is
+    opened with O_DIRECT (no page-cache copies to offload, nothing to try inline)."""
     if name is None:
         if uring_available():
-            return UringEngine(offload=not direct)
-        print("aioblock: io_uring is unavailable here; using the 'threads' engine", file=sys.stderr)
-        return ThreadsEngine()
-    if name == "uring":
+            ring: Engine = UringEngine(offload=not direct)
+        else:
+            print("aioblock: io_uring is unavailable here; using the 'threads' engine", file=sys.stderr)
+            ring = ThreadsEngine()
+        return ring if direct else HybridEngine(ring)
+    if name in ("uring", "hybrid"):
         if not uring_available():
-            raise InvalidOptionError("engine 'uring' is unavailable: io_uring is not supported here")
-        return UringEngine(offload=not direct)
+            raise InvalidOptionError(f"engine '{name}' is unavailable: io_uring is not supported here")
+        ring = UringEngine(offload=not direct)
+        return ring if name == "uring" or direct else HybridEngine(ring)
     if name == "sync":
         return SyncEngine()
     if name == "threads":
         return ThreadsEngine()
     raise InvalidOptionError(f"unknown I/O engine '{name}' (choose from {', '.join(ENGINES)})")
+
+
+def available_engines() -> list[str]:
+    """The engine names that work on this machine (``uring`` and ``hybrid`` need io_uring)."""
+    return [e for e in ENGINES if uring_available() or e not in ("uring", "hybrid")]
 
 
 class FileNode(BlockDriver):
@@ -84,9 +99,15 @@ class FileNode(BlockDriver):
         self.engine = engine
         self.direct = direct
         self.is_block_device = is_block_device
-        self.limits = Limits(request_alignment=alignment)
+        #: O_DIRECT's block size (1 when buffered): requests need not be aligned, but aligned ones avoid a
+        #: read-modify-write here
+        self.alignment = alignment
+        self.limits = Limits(opt_alignment=alignment)
+        self._tracker = RangeTracker()          # O_DIRECT only: read-modify-writes serialised per block
         self._size = size
         self._closed = False
+        self._fsync_error: int | None = None     # errno of the first failed fsync (sticky: see flush)
+        self._unflushed = False                  # changed since the last successful fsync (close syncs)
 
     @classmethod
     async def open_file(cls, filename: str, *, read_only: bool = False, engine: str | None = None,
@@ -133,22 +154,32 @@ class FileNode(BlockDriver):
         return (self._size + 511) & ~511
 
     async def close(self) -> None:
+        """Make what was written durable (as QEMU's close does: a closed image is on disk), then release the
+        engine and the fd. A failed flush, or an earlier one (sticky), is raised after the fd is closed."""
         if self._closed:
             return
         self._closed = True
         try:
-            await self.engine.aclose()
+            if self._unflushed or self._fsync_error is not None:
+                await self.flush()
         finally:
-            os.close(self.fd)
+            try:
+                await self.engine.aclose()
+            finally:
+                os.close(self.fd)
 
     async def actual_size(self) -> int | None:
         return os.fstat(self.fd).st_blocks * 512
+
+    def statistics(self) -> dict[str, Any]:
+        """The engine's counters (hybrid: requests served inline and handed on; uring: submissions)."""
+        return {"engine": self.engine.statistics()}
 
     # ---- I/O path ---------------------------------------------------------------------------------------------
 
     async def pread(self, offset: int, buf: memoryview) -> None:
         if self.direct:
-            await self._bounce_read(offset, buf)
+            await self._direct_read(offset, buf)
             return
         pos, end, engine, fd = 0, len(buf), self.engine, self.fd
         while pos < end:
@@ -165,12 +196,13 @@ class FileNode(BlockDriver):
         if self.read_only:
             raise ReadOnlyError("Block node is read-only", filename=self.filename)
         cancellation.commit()
+        self._unflushed = True
         end = offset + len(buf)
-        if end > self._size:             # before the write: a cancelled or failed one may have grown the file
-            self._size = end
         if self.direct:
-            await self._bounce_write(offset, buf)
+            await self._direct_write(offset, buf)
         else:
+            if end > self._size:         # before the write: a cancelled or failed one may have grown the file
+                self._size = end
             pos, engine, fd = 0, self.engine, self.fd
             while pos < len(buf):
                 try:
@@ -183,32 +215,86 @@ class FileNode(BlockDriver):
         if fua:
             await self.flush()
 
-    async def _bounce_read(self, offset: int, buf: memoryview) -> None:
-        """O_DIRECT read through an aligned buffer; offset and length are aligned by the backend."""
-        size = min(len(buf), _BOUNCE_CHUNK)
-        view = _aligned_buffer(size)
-        pos = 0
-        while pos < len(buf):
-            n = min(size, len(buf) - pos)
-            try:
-                got = await self.engine.pread(self.fd, view[:n], offset + pos)
-            except OSError as exc:
-                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-            buf[pos:pos + got] = view[:got]
-            if got < n:                                      # end of file
-                buf[pos + got:] = bytes(len(buf) - pos - got)
-                return
-            pos += n
+    # ---- O_DIRECT: aligned bounce buffers, read-modify-write of partial blocks ------------------------------
 
-    async def _bounce_write(self, offset: int, buf: memoryview) -> None:
+    def _block_range(self, offset: int, length: int) -> tuple[int, int]:
+        a = self.alignment
+        return offset - offset % a, -(-(offset + length) // a) * a
+
+    async def _direct_read(self, offset: int, buf: memoryview) -> None:
+        """Read the covering aligned blocks through a bounce buffer (tracked: an overlapping read-modify-write
+        finishes first, so a read never sees a block halfway through one)."""
+        start, end = self._block_range(offset, len(buf))
+        me = await self._tracker.track(start, end, False)
+        try:
+            size = min(end - start, _BOUNCE_CHUNK)
+            view = _aligned_buffer(size)
+            pos = start                                   # file offset of the next chunk
+            while pos < end:
+                n = min(size, end - pos)
+                try:
+                    got = await self.engine.pread(self.fd, view[:n], pos)
+                except OSError as exc:
+                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+                if got < n:                               # end of file: the rest reads as zeroes
+                    view[got:n] = bytes(n - got)
+                lo, hi = max(pos, offset), min(pos + n, offset + len(buf))
+                buf[lo - offset:hi - offset] = view[lo - pos:hi - pos]
+                if got < n:
+                    buf[hi - offset:] = bytes(len(buf) - (hi - offset))
+                    return
+                pos += n
+        finally:
+            self._tracker.untrack(me)
+
+    async def _direct_write(self, offset: int, buf: memoryview) -> None:
+        """Write through aligned bounce buffers. A write that does not cover whole blocks reads its edge blocks,
+        patches its bytes in and writes the blocks back; it is *serialising* in the tracker (it waits for every
+        earlier overlapping request and every later one waits for it), so that two read-modify-writes of one
+        block, from any node above, never put back each other's old bytes (QEMU's tracked requests)."""
+        a = self.alignment
+        start, end = self._block_range(offset, len(buf))
+        rmw = start != offset or end != offset + len(buf)
+        me = await self._tracker.track(start, end, rmw)
+        try:
+            if end > self._size:
+                self._size = end
+            if rmw:
+                view = _aligned_buffer(end - start)
+                await self._edge_read(start, view[:a])
+                if end - a > start:
+                    await self._edge_read(end - a, view[-a:])
+                view[offset - start:offset - start + len(buf)] = buf
+                await self._bounce_write(start, view, aligned=True)
+            else:
+                await self._bounce_write(offset, buf, aligned=False)
+        finally:
+            self._tracker.untrack(me)
+
+    async def _edge_read(self, offset: int, view: memoryview) -> None:
+        try:
+            got = await self.engine.pread(self.fd, view, offset)
+        except OSError as exc:
+            raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+
+    async def _bounce_write(self, offset: int, buf: memoryview, *, aligned: bool) -> None:
+        """Write whole blocks ``buf`` at block offset ``offset`` in chunks of at most ``_BOUNCE_CHUNK``, copied
+        into an aligned buffer first unless ``buf`` is ``aligned`` (one of ours)."""
         size = min(len(buf), _BOUNCE_CHUNK)
-        view = _aligned_buffer(size)
+        own = aligned
+        view = buf if own else _aligned_buffer(size)
         pos = 0
         while pos < len(buf):
             n = min(size, len(buf) - pos)
-            view[:n] = buf[pos:pos + n]
+            if own:
+                chunk = buf[pos:pos + n]
+            else:
+                view[:n] = buf[pos:pos + n]
+                chunk = view[:n]
             try:
-                done = await self.engine.pwrite(self.fd, view[:n], offset + pos)
+                done = await self.engine.pwrite(self.fd, chunk, offset + pos)
             except OSError as exc:
                 raise BlockIOError.from_os_error(exc, filename=self.filename) from None
             if done != n:
@@ -227,6 +313,8 @@ class FileNode(BlockDriver):
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
         scope, token = cancellation.enter()
         scope.committed = True
+        self._unflushed = True
+        me = await self._tracker.track(*self._block_range(offset, length), False) if self.direct else None
         try:
             for mode in modes:
                 try:
@@ -242,6 +330,8 @@ class FileNode(BlockDriver):
             if fua:
                 await self.flush()
         finally:
+            if me is not None:
+                self._tracker.untrack(me)
             cancellation.leave(scope, token)
 
     async def pdiscard(self, offset: int, length: int) -> None:
@@ -250,19 +340,35 @@ class FileNode(BlockDriver):
         if self.is_block_device or offset >= self._size:
             return
         length = min(length, self._size - offset)
+        me = await self._tracker.track(*self._block_range(offset, length), False) if self.direct else None
         cancellation.commit()
+        self._unflushed = True
         try:
             await self.engine.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL):
                 raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+        finally:
+            if me is not None:
+                self._tracker.untrack(me)
 
     async def flush(self) -> None:
+        """fdatasync. A failure is sticky: once one fsync of this file failed, every later flush fails with the
+        same error until the file is reopened. The kernel reports a writeback error once and may then drop
+        the dirty pages that failed, so a later fsync that succeeds would claim data durable that is gone
+        (QEMU's file-posix does the same)."""
         if self.read_only:
             return
+        if self._fsync_error is not None:
+            raise BlockIOError(self._fsync_error, f"{os.strerror(self._fsync_error)}: an earlier flush failed, "
+                               "data written before it may be lost (reopen the image to clear)",
+                               filename=self.filename)
+        unflushed, self._unflushed = self._unflushed, False    # changes from now on need another fsync
         try:
             await self.engine.fsync(self.fd)
         except OSError as exc:
+            self._fsync_error = exc.errno or _errno.EIO
+            self._unflushed = unflushed
             raise BlockIOError.from_os_error(exc, filename=self.filename) from None
 
     async def block_status(self, offset: int, length: int) -> Extent:
@@ -292,6 +398,7 @@ class FileNode(BlockDriver):
         scope, token = cancellation.enter()
         scope.committed = True
         try:
+            self._unflushed = True
             try:
                 await in_thread(os.ftruncate, self.fd, size)
             except OSError as exc:

@@ -315,6 +315,8 @@ class UringEngine(Engine):
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._submit_scheduled = False
         self._closed = False
+        self._submits = 0                       # io_uring_enter calls from _submit (one per loop tick at most)
+        self._sqes = 0                          # SQEs they submitted
 
     # ---- plumbing -------------------------------------------------------------------------------------------
 
@@ -405,10 +407,12 @@ class UringEngine(Engine):
         if self._closed:
             return
         try:
-            self._ring.submit()
+            n = self._ring.submit()
         except OSError as exc:
             self._fail_all(exc)
             return
+        self._submits += 1
+        self._sqes += n
         self._ring.reap(self._complete)
 
     def _on_eventfd(self) -> None:
@@ -487,6 +491,10 @@ class UringEngine(Engine):
     async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         # IORING_OP_FALLOCATE: off = offset, addr = length, len = mode
         await self._queue(OP_FALLOCATE, fd, off=offset, addr=length, length=mode)
+
+    def statistics(self) -> dict[str, Any]:
+        """Submissions (loop ticks that submitted) and the SQEs they carried: ``sqes / submits`` is the batch."""
+        return {"name": self.name, "submits": self._submits, "sqes": self._sqes}
 
     async def aclose(self) -> None:
         """Wait for requests still in the kernel (their buffers are pinned), then tear the ring down."""

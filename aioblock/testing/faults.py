@@ -88,6 +88,7 @@ from typing import Any, ClassVar, TypeAlias, TypeVar
 from .. import cancellation
 from ..driver import BlockDriver, Extent
 from ..errors import InjectedFaultError, SimulatedCrashError
+from ..io.engine import Engine
 from ..node import register_filter
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "Fail",
     "FaultInjector",
     "FaultNode",
+    "FaultyEngine",
     "LogEntry",
     "Pause",
     "PauseHandle",
@@ -682,3 +684,54 @@ class FaultNode(BlockDriver):
 
 
 register_filter("inject", FaultNode)
+
+
+class FaultyEngine(Engine):
+    """An I/O engine that fails chosen syscalls as the kernel would, passing everything else to a real engine.
+
+    :class:`FaultNode` sits above the file node, so what it injects never reaches the file node's own error
+    handling; this sits below it, for tests of what the file node does with the kernel's errors (a writeback
+    error reported by fdatasync, an EIO from a read). Install it with ``node.engine = FaultyEngine(node.engine)``
+    on a :class:`aioblock.io.file.FileNode`; ``fail(op, errno, times)`` arms it (op: ``pread``, ``pwrite``,
+    ``fsync`` or ``fallocate``); ``calls`` counts the calls that reached the real engine."""
+
+    name: ClassVar[str] = "faulty"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self._armed: dict[str, list[int]] = {}      # op -> [errno, calls still to fail]
+        self.calls: dict[str, int] = {"pread": 0, "pwrite": 0, "fsync": 0, "fallocate": 0}
+
+    def fail(self, op: str, errno: int, times: int = 1) -> None:
+        if op not in self.calls:
+            raise ValueError(f"unknown engine op {op!r}")
+        self._armed[op] = [errno, times]
+
+    def _check(self, op: str) -> None:
+        armed = self._armed.get(op)
+        if armed is not None and armed[1] > 0:
+            armed[1] -= 1
+            raise OSError(armed[0], os.strerror(armed[0]))
+        self.calls[op] += 1
+
+    async def pread(self, fd: int, buf: memoryview, offset: int) -> int:
+        self._check("pread")
+        return await self.inner.pread(fd, buf, offset)
+
+    async def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
+        self._check("pwrite")
+        return await self.inner.pwrite(fd, buf, offset)
+
+    async def fsync(self, fd: int) -> None:
+        self._check("fsync")
+        await self.inner.fsync(fd)
+
+    async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        self._check("fallocate")
+        await self.inner.fallocate(fd, mode, offset, length)
+
+    def statistics(self) -> dict[str, Any]:
+        return self.inner.statistics()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -35,7 +35,7 @@ import pytest
 
 import aioblock
 from aioblock.backend import BlockBackend
-from aioblock.io.uring import uring_available
+from aioblock.io.file import available_engines
 from aioblock.testing.faults import FaultInjector
 
 from ..conftest import needs_qemu, qemu_img, qemu_io
@@ -43,7 +43,7 @@ from ..conftest import needs_qemu, qemu_img, qemu_io
 pytestmark = [needs_qemu, pytest.mark.slow]
 
 KiB, MiB = 1024, 1024 * 1024
-ENGINES = ["sync", "threads", *(["uring"] if uring_available() else [])]
+ENGINES = available_engines()
 SEEDS = int(os.environ.get("AIOBLOCK_TORTURE_SEEDS", "2"))
 TASKS = 8
 OPS_PER_TASK = 24

@@ -72,7 +72,7 @@ from hypothesis import strategies as st
 import aioblock
 from aioblock.backend import BlockBackend
 from aioblock.drivers.qcow2 import driver as qcow2_driver
-from aioblock.io.uring import uring_available
+from aioblock.io.file import available_engines
 
 from ..conftest import QEMU_IMG, QEMU_IO, needs_qemu
 
@@ -221,7 +221,7 @@ class Op:
         printer.text(repr(self))
 
 
-ENGINES = ["sync", "threads", *(["uring"] if uring_available() else [])]
+ENGINES = available_engines()
 
 
 def ranges(cfg: Config) -> st.SearchStrategy[tuple[int, int]]:

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import aioblock
 from aioblock.errors import ClosedError, OutOfRangeError, ReadOnlyError
-from aioblock.io.uring import uring_available
+from aioblock.io.file import available_engines
 
 SIZE = 256 * 1024
-ENGINES = ["sync", "threads"] + (["uring"] if uring_available() else [])
+ENGINES = available_engines()
 CONFIGS = [(e, c) for e in ENGINES for c in ("writeback", "none")]
 
 _extent = st.tuples(st.integers(0, SIZE - 1), st.integers(0, 9000)).map(
@@ -219,6 +219,22 @@ async def test_cancelled_requests_are_counted_apart_from_errors(tmp_path: Path) 
         assert stats.in_flight == 0
 
 
+@pytest.mark.skipif("hybrid" not in ENGINES, reason="io_uring unavailable")
+async def test_engine_statistics_count_inline_and_handed_on_requests(tmp_path: Path) -> None:
+    path = tmp_path / "e.raw"
+    path.write_bytes(bytes(1 << 20))
+    async with aioblock.open(str(path), "raw") as disk:          # the default engine: hybrid over uring
+        await asyncio.gather(*(disk.write(i * 4096, b"e" * 4096) for i in range(32)))
+        await disk.read(0, 256 << 10)                            # large: handed on to the ring
+        assert await disk.read(4096, 4096) == b"e" * 4096         # cached: inline
+        await disk.flush()
+        eng = disk.statistics().driver["file"]["engine"]
+    assert eng["name"] == "hybrid" and eng["fallback"]["name"] == "uring"
+    assert eng["inline"] >= 33 and eng["handed_on"] >= 1
+    assert eng["yields"] >= 1                                    # 32 inline writes in a row: the engine yielded
+    assert eng["fallback"]["sqes"] >= 2 and eng["fallback"]["submits"] >= 1
+
+
 async def test_qcow2_statistics_reach_the_driver(tmp_path: Path) -> None:
     path = tmp_path / "d.qcow2"
     await aioblock.create(str(path), "qcow2", "4M")
@@ -226,7 +242,8 @@ async def test_qcow2_statistics_reach_the_driver(tmp_path: Path) -> None:
         await asyncio.gather(*(disk.write(i * 4096, b"z" * 4096) for i in range(16)))
         await disk.read(0, 4096)
         drv = disk.statistics().driver
-    assert set(drv) == {"l2_cache", "refblock_cache", "allocations", "metadata_lock", "flusher_runs"}
+    assert set(drv) == {"file", "l2_cache", "refblock_cache", "allocations", "metadata_lock", "flusher_runs"}
+    assert drv["file"] == {"engine": {"name": "sync"}}
     assert drv["allocations"]["started"] >= 1 and drv["allocations"]["in_flight"] == 0
     assert drv["allocations"]["started"] == drv["allocations"]["linked"] + drv["allocations"]["aborted"]
     assert drv["l2_cache"]["hits"] > 0

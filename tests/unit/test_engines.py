@@ -12,12 +12,14 @@ import pytest
 import aioblock
 from aioblock.errors import BlockIOError, InvalidOptionError
 from aioblock.io import file as file_mod
+from aioblock.io import hybrid
 from aioblock.io.engine import SyncEngine, ThreadsEngine
-from aioblock.io.file import FileNode, make_engine
+from aioblock.io.file import FileNode, available_engines, make_engine
+from aioblock.io.hybrid import HybridEngine
 from aioblock.io.uring import Ring, UringEngine, uring_available
 
 needs_uring = pytest.mark.skipif(not uring_available(), reason="io_uring unavailable on this kernel")
-ENGINES = ["sync", "threads"] + (["uring"] if uring_available() else [])
+ENGINES = available_engines()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -109,9 +111,12 @@ async def test_default_engine_falls_back_with_a_notice(monkeypatch: pytest.Monke
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(file_mod, "uring_available", lambda: False)
     engine = make_engine(None)
-    assert isinstance(engine, ThreadsEngine)
+    assert isinstance(engine, HybridEngine) and isinstance(engine.fallback, ThreadsEngine)
+    assert isinstance(make_engine(None, direct=True), ThreadsEngine)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "io_uring is unavailable" in err
+    assert err.count("\n") == 2 and "io_uring is unavailable" in err
+    with pytest.raises(InvalidOptionError, match="hybrid"):
+        make_engine("hybrid")
     with pytest.raises(InvalidOptionError, match="uring"):
         make_engine("uring")
     assert isinstance(make_engine("sync"), SyncEngine)
@@ -132,3 +137,135 @@ async def test_io_errors_become_block_io_errors(tmp_path: Path) -> None:
             assert err.value.errno == errno.EBADF
         finally:
             node.fd = os.open(path, os.O_RDWR)
+
+
+# ---- hybrid: inline where the kernel will not block, the fallback engine where it might ----------------------
+
+def _engine_stats(node: FileNode) -> dict[str, object]:
+    stats = node.statistics()["engine"]
+    assert isinstance(stats, dict)
+    return stats
+
+
+@needs_uring
+async def test_hybrid_cold_reads_go_to_the_ring(tmp_path: Path) -> None:
+    """A read the page cache cannot serve gets EAGAIN from preadv2(RWF_NOWAIT) and is handed on: right bytes,
+    counted as a miss (the file is on the test directory's disk file system)."""
+    path = tmp_path / "cold.raw"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    node = await FileNode.open_file(str(path), engine="hybrid")
+    try:
+        os.fsync(node.fd)
+        os.posix_fadvise(node.fd, 0, 0, os.POSIX_FADV_DONTNEED)        # drop the clean pages
+        buf = bytearray(4096)
+        await node.pread(512 << 10, memoryview(buf))
+        assert buf == data[512 << 10:(512 << 10) + 4096]
+        stats = _engine_stats(node)
+        if hybrid._on_memory_fs(node.fd):
+            pytest.skip("the test directory is on a memory file system (never cold)")
+        assert stats["nowait_misses"] == 1 and stats["handed_on"] == 1 and stats["inline"] == 0
+        await node.pread(512 << 10, memoryview(buf))                   # now cached: inline
+        assert _engine_stats(node)["inline"] == 1
+    finally:
+        await node.close()
+
+
+@needs_uring
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
+async def test_hybrid_serves_tmpfs_inline() -> None:
+    """tmpfs rejects RWF_NOWAIT, but never waits for a disk: its reads and writes run inline."""
+    path = f"/dev/shm/aioblock-test-{os.getpid()}.raw"
+    node = await FileNode.open_file(path, engine="hybrid", create=True)
+    try:
+        await node.pwrite(0, memoryview(b"t" * 8192))
+        buf = bytearray(8192)
+        await node.pread(0, memoryview(buf))
+        assert buf == b"t" * 8192
+        stats = _engine_stats(node)
+        assert stats["inline"] == 2 and stats["handed_on"] == 0
+    finally:
+        await node.close()
+        os.unlink(path)
+
+
+@needs_uring
+async def test_hybrid_slow_writes_send_later_writes_to_the_ring(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inline write slower than SLOW_WRITE_NS (here: any) sends the file's writes to the ring for a while."""
+    monkeypatch.setattr(hybrid, "SLOW_WRITE_NS", -1)
+    path = tmp_path / "slow.raw"
+    node = await FileNode.open_file(str(path), engine="hybrid", create=True)
+    try:
+        if hybrid._on_memory_fs(node.fd):
+            pytest.skip("the test directory is on a memory file system (writes always inline)")
+        for i in range(3):
+            await node.pwrite(i * 4096, memoryview(bytes([i + 1]) * 4096))
+        stats = _engine_stats(node)
+        assert stats["inline"] == 1 and stats["slow_writes"] == 1 and stats["handed_on"] == 2
+        assert path.read_bytes() == b"".join(bytes([i + 1]) * 4096 for i in range(3))
+    finally:
+        await node.close()
+
+
+@needs_uring
+async def test_hybrid_yield_is_a_cancellation_point_only_before_a_commit(tmp_path: Path) -> None:
+    """The engine yields to the loop between inline requests; an uncommitted read cancelled there stops with
+    nothing done, while a committed request goes on and raises at its end."""
+    from aioblock import cancellation
+
+    path = tmp_path / "y.raw"
+    path.write_bytes(bytes(1 << 20))
+    node = await FileNode.open_file(str(path), engine="hybrid")
+    engine = node.engine
+    assert isinstance(engine, HybridEngine)
+    try:
+        buf = memoryview(bytearray(4096))
+
+        async def reads(commit: bool) -> int:
+            scope, token = cancellation.enter()
+            try:
+                if commit:
+                    cancellation.commit()
+                for _ in range(hybrid.YIELD_EVERY * 4):
+                    await node.pread(0, buf)
+                return 1
+            finally:
+                cancellation.leave(scope, token)
+
+        for commit in (False, True):
+            engine._run = 0
+            before = _engine_stats(node)["inline"]
+            task = asyncio.create_task(reads(commit))
+            await asyncio.sleep(0)              # the task runs YIELD_EVERY inline reads, then yields
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            done = _engine_stats(node)["inline"] - before       # type: ignore[operator]
+            assert done == (hybrid.YIELD_EVERY * 4 if commit else hybrid.YIELD_EVERY)
+    finally:
+        await node.close()
+
+
+@needs_uring
+async def test_hybrid_writes_go_to_the_ring_near_dirty_throttling(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Near the kernel's dirty-page throttling point writes are handed on, so the ring's workers take the
+    pauses; with headroom again they run inline."""
+    room = hybrid.dirty_headroom()
+    assert room is None or isinstance(room, int)           # a reading of this machine's /proc
+    path = tmp_path / "dirty.raw"
+    node = await FileNode.open_file(str(path), engine="hybrid", create=True)
+    try:
+        if hybrid._on_memory_fs(node.fd):
+            pytest.skip("the test directory is on a memory file system (writes always inline)")
+        monkeypatch.setattr(hybrid, "dirty_headroom", lambda: -1)
+        await node.pwrite(0, memoryview(b"d" * 4096))
+        monkeypatch.setattr(hybrid, "dirty_headroom", lambda: 1 << 30)
+        monkeypatch.setattr(hybrid, "DIRTY_REFRESH_S", 0.0)
+        await node.pwrite(4096, memoryview(b"e" * 4096))
+        stats = _engine_stats(node)
+        assert stats["dirty_handoffs"] == 1 and stats["handed_on"] == 1 and stats["inline"] == 1
+        assert path.read_bytes() == b"d" * 4096 + b"e" * 4096
+    finally:
+        await node.close()

@@ -528,3 +528,38 @@ def test_invalid_actions_are_refused() -> None:
     with pytest.raises(RuntimeError):
         handle.release()                               # nothing held
 
+
+
+# ---- sticky fsync errors: the file node under a failing kernel ---------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_a_failed_fsync_fails_every_later_flush_until_reopened(tmp_path: Path, fmt: str) -> None:
+    """After fdatasync reported an error, the pages that failed may be gone: a later fsync that succeeds would
+    lie, so every later flush fails the same way; reopening the image clears it."""
+    from aioblock.io.file import FileNode
+    from aioblock.testing.faults import FaultyEngine
+
+    path = tmp_path / f"s.{fmt}"
+    await aioblock.create(str(path), fmt, "1M")
+    disk = await aioblock.open(str(path), fmt)
+    node = disk.root.file
+    assert isinstance(node, FileNode)
+    node.engine = faulty = FaultyEngine(node.engine)
+    await disk.write(0, b"a" * 4096)
+    faulty.fail("fsync", errno.EIO)
+    with pytest.raises(BlockIOError) as first:
+        await disk.flush()
+    assert first.value.errno == errno.EIO
+    calls = faulty.calls["fsync"]
+    await disk.write(4096, b"b" * 4096)
+    for _ in range(2):
+        with pytest.raises(BlockIOError, match="an earlier flush failed") as later:
+            await disk.flush()
+        assert later.value.errno == errno.EIO
+    assert faulty.calls["fsync"] == calls            # not asked again: its answer could not be trusted
+    with pytest.raises(BlockIOError):
+        await disk.close()                           # close flushes too, and says so
+    async with aioblock.open(str(path), fmt) as again:   # a new open starts clean
+        await again.write(0, b"c" * 4096)
+        await again.flush()
+        assert await again.read(0, 4096) == b"c" * 4096

@@ -71,7 +71,7 @@ class Qcow2Driver(BlockDriver):
         self.read_only = read_only
         self.backing_filename = header.backing_file
         self.backing_format = header.backing_format
-        self.limits = Limits(request_alignment=file.limits.request_alignment)
+        self.limits = Limits(opt_alignment=file.limits.opt_alignment)
         self.st = Qcow2State(self, file, header, read_only=read_only)
         self._closed = False
 
@@ -157,7 +157,7 @@ class Qcow2Driver(BlockDriver):
         st.slice_bytes = slice_size
         st.slice_shift = st.slice_entries.bit_length() - 1
         st.slice_mask = st.slice_entries - 1
-        st.fast_io = not st.ext_l2 and st.metaio.align == 1
+        st.fast_io = not st.ext_l2
         if not self.read_only:
             st.flusher = Flusher(st.lock, st.flush_caches, delay=FLUSH_DELAY, max_age=FLUSH_MAX_AGE,
                                  clean_fn=self._clean_caches, clean_interval=interval)
@@ -259,7 +259,8 @@ class Qcow2Driver(BlockDriver):
     def statistics(self) -> dict[str, Any]:
         """The metadata caches, the allocating-write queue, the metadata lock and the background flusher."""
         st = self.st
-        return {"l2_cache": st.l2cache.stats.to_dict(), "refblock_cache": st.refcounts.cache.stats.to_dict(),
+        return {**super().statistics(),
+                "l2_cache": st.l2cache.stats.to_dict(), "refblock_cache": st.refcounts.cache.stats.to_dict(),
                 "allocations": st.allocs.statistics().to_dict(), "metadata_lock": st.lock.statistics().to_dict(),
                 "flusher_runs": st.flusher.runs if st.flusher is not None else 0}
 

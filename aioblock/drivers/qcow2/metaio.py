@@ -4,11 +4,10 @@
 active L2 tables, the snapshot table and snapshot L1 tables) in sorted compact arrays, so that the check
 before a write is a bisection (QEMU's ``overlap-check=cached``, without its per-write walk over L1).
 
-``MetaIO`` reads and writes byte ranges of the file whatever its alignment (O_DIRECT files get
-read-modify-write of the edge blocks, serialised per block by a ``RangeTracker``), announces fault-injection
-events, and is the ``CacheIO`` of the slice caches. A write that would overlap metadata of another kind raises
-:class:`OverlapError`; the driver then marks the image corrupt and fails the request with EIO, never writing
-the bytes.
+``MetaIO`` reads and writes byte ranges of the file (the file node aligns them for O_DIRECT itself),
+announces fault-injection events, and is the ``CacheIO`` of the slice caches. A write that would overlap
+metadata of another kind raises :class:`OverlapError`; the driver then marks the image corrupt and fails the
+request with EIO, never writing the bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from ...cache import SliceCache
 from ...driver import BlockDriver
 from ...errors import NotSupportedError
-from ...tracking import RangeTracker
 
 __all__ = [
     "DATA",
@@ -260,27 +258,19 @@ class MetaIO:
                  on_overlap: Callable[[OverlapError], BaseException]) -> None:
         self.file = file
         self.map = metamap
-        self.align = file.limits.request_alignment
-        self._tracker = RangeTracker()
+        #: writes aligned to this avoid a read-modify-write in the file node (O_DIRECT's block size)
+        self.align = file.limits.opt_alignment
         self._on_overlap = on_overlap
 
     # ---- raw byte ranges ----------------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
-        await self.read_into(offset, memoryview(buf))
+        await self.file.pread(offset, memoryview(buf))
         return buf
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        a = self.align
-        if a == 1 or (offset % a == 0 and len(buf) % a == 0):
-            await self.file.pread(offset, buf)
-            return
-        start = offset - offset % a
-        end = -(-(offset + len(buf)) // a) * a
-        tmp = bytearray(end - start)
-        await self.file.pread(start, memoryview(tmp))
-        buf[:] = tmp[offset - start:offset - start + len(buf)]
+        await self.file.pread(offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, kind: str) -> None:
         """Write ``data`` at ``offset`` after the overlap check against every metadata kind but ``kind``."""
@@ -291,28 +281,7 @@ class MetaIO:
         await self._write_unchecked(offset, data)
 
     async def _write_unchecked(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write to the file; where it needs alignment, a partial block is read, patched and written back,
-        tracked so that no other write of that block runs meanwhile (clusters may be smaller than a block:
-        unrelated data, L2 tables and refcount blocks can share one)."""
-        a = self.align
-        view = memoryview(data)
-        if a == 1:
-            await self.file.pwrite(offset, view)
-            return
-        start = offset - offset % a
-        end = -(-(offset + len(view)) // a) * a
-        rmw = start != offset or end != offset + len(view)
-        me = await self._tracker.track(start, end, rmw)
-        try:
-            if not rmw:
-                await self.file.pwrite(offset, view)
-                return
-            tmp = bytearray(end - start)
-            await self.file.pread(start, memoryview(tmp))
-            tmp[offset - start:offset - start + len(view)] = view
-            await self.file.pwrite(start, memoryview(tmp))
-        finally:
-            self._tracker.untrack(me)
+        await self.file.pwrite(offset, memoryview(data))
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range of a cluster being allocated (COW from nothing).
@@ -327,17 +296,12 @@ class MetaIO:
         length = min(length, self.file.size - offset)
         if length <= 0:
             return
-        a = self.align
-        if length > _ZERO_WRITE_MAX and offset % a == 0 and length % a == 0:
-            me = await self._tracker.track(offset, offset + length, False) if a > 1 else None
+        if length > _ZERO_WRITE_MAX:
             try:
                 await self.file.pwrite_zeroes(offset, length)
                 return
             except NotSupportedError:
                 pass
-            finally:
-                if me is not None:
-                    self._tracker.untrack(me)
         pos = 0
         while pos < length:
             n = min(len(_ZEROES), length - pos)
@@ -345,9 +309,7 @@ class MetaIO:
             pos += n
 
     async def discard(self, offset: int, length: int) -> None:
-        """Punch free clusters out of the file. Not tracked: a punch of part of a block zeroes only its own
-        bytes, and if a concurrent read-modify-write of a neighbour puts the old ones back, no harm is done:
-        the clusters are free, and a new owner fills a reused cluster before mapping it."""
+        """Punch free clusters out of the file."""
         await self.file.pdiscard(offset, length)
 
     async def sync(self) -> None:

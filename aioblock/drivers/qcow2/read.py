@@ -58,15 +58,7 @@ async def read_backing(st: Qcow2State, offset: int, view: memoryview) -> None:
         view[:] = bytes(n)
         return
     m = min(n, b.size - offset)
-    a = b.limits.request_alignment
-    if a > 1 and (offset % a or m % a):
-        start = offset - offset % a
-        end = min(-(-(offset + m) // a) * a, b.size)
-        tmp = bytearray(end - start)
-        await b.pread(start, memoryview(tmp))
-        view[:m] = tmp[offset - start:offset - start + m]
-    else:
-        await b.pread(offset, view[:m])
+    await b.pread(offset, view[:m])
     if m < n:
         view[m:] = bytes(n - m)
 

@@ -100,7 +100,7 @@ class Qcow2State:
         self.slice_bytes = 0
         self.slice_shift = 0
         self.slice_mask = 0
-        #: lock-free single-cluster fast paths apply: standard L2 entries, a byte-addressable file, healthy (loop)
+        #: lock-free single-cluster fast paths apply: standard L2 entries, image healthy (loop)
         self.fast_io = False
         #: host cluster -> in-place data writes in progress on it: never handed out while > 0 (loop)
         self.busy_hosts: dict[int, int] = {}
