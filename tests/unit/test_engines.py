@@ -269,3 +269,29 @@ async def test_hybrid_writes_go_to_the_ring_near_dirty_throttling(tmp_path: Path
         assert path.read_bytes() == b"d" * 4096 + b"e" * 4096
     finally:
         await node.close()
+
+
+async def test_file_node_aligns_o_direct_requests_itself(tmp_path: Path) -> None:
+    """The file node accepts any offset and length with O_DIRECT (no node above aligns anything): concurrent
+    unaligned writes into one block, each a read-modify-write, keep each other's bytes; unaligned reads and a
+    write past the end read back; every node reports alignment 1 as a requirement, the block as a preference."""
+    path = tmp_path / "d.raw"
+    path.write_bytes(b"\xee" * 8192)
+    try:
+        node = await FileNode.open_file(str(path), cache="none")
+    except aioblock.errors.ImageOpenError:
+        pytest.skip("the test directory's file system has no O_DIRECT")
+    try:
+        assert node.limits.opt_alignment == node.alignment in (512, 4096)
+        pieces = [(100 + i * 37, bytes([i + 1]) * 37) for i in range(64)]       # all inside bytes 100..2468
+        await asyncio.gather(*(node.pwrite(off, memoryview(data)) for off, data in pieces))
+        await node.pwrite(8190, memoryview(b"tail"))                            # crosses the end: grows
+        buf = bytearray(64 * 37 + 3)
+        await node.pread(99, memoryview(buf))
+        assert buf[0] == 0xEE and bytes(buf[1:-2]) == b"".join(d for _, d in pieces) and buf[-2:] == b"\xee\xee"
+        end = bytearray(10)
+        await node.pread(8188, memoryview(end))
+        assert bytes(end[:6]) == b"\xee\xeetail"
+    finally:
+        await node.close()
+    assert path.read_bytes()[8190:8194] == b"tail"
