@@ -36,13 +36,18 @@ class RangeTracker:
 
     def __init__(self) -> None:
         self._tracked: list[TrackedRange] = []
+        self._serialising = 0                   # how many of them are serialising
 
     async def track(self, start: int, end: int, serialising: bool) -> TrackedRange:
         """Register ``[start, end)``; wait for the earlier overlapping requests it must not overtake. The caller
         must ``untrack`` the result when its request is done (also on failure)."""
-        earlier = [t for t in self._tracked if t.start < end and start < t.end and (serialising or t.serialising)]
         me = TrackedRange(start, end, serialising)
+        if not serialising and not self._serialising:       # the common case: nothing to wait for
+            self._tracked.append(me)
+            return me
+        earlier = [t for t in self._tracked if t.start < end and start < t.end and (serialising or t.serialising)]
         self._tracked.append(me)
+        self._serialising += serialising
         try:
             for other in earlier:
                 await cancellation.wait_event(other.done)
@@ -53,4 +58,5 @@ class RangeTracker:
 
     def untrack(self, me: TrackedRange) -> None:
         self._tracked.remove(me)
+        self._serialising -= me.serialising
         me.done.set()

@@ -1,71 +1,21 @@
-"""Helpers shared by the benchmark scripts: the test file, the machine description, subprocess runs."""
+"""Helpers shared by the benchmark scripts: the test file, the machine description, subprocess runs.
+
+The test file and the machine description live in the package (``aioblock.benchmark.images`` and
+``aioblock.benchmark.machine``, shared with ``aioblock benchmark``); they are re-exported here for the scripts.
+"""
 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from aioblock.benchmark.images import make_hot_file
+from aioblock.benchmark.machine import machine_info
+
 __all__ = ["drop_caches", "machine_info", "make_hot_file", "parse_bench_output", "run_cmd", "update_readme_section"]
-
-_CHUNK = 1 << 20
-
-
-def make_hot_file(path: str, size: int) -> None:
-    """Make ``path`` a fully allocated file of ``size`` bytes (random data, not zeroes: no file system can
-    skip it), unless it already is one, then read it once so that every page is in the page cache."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    st = os.stat(path) if os.path.exists(path) else None
-    if st is None or st.st_size != size or st.st_blocks * 512 < size:
-        block = os.urandom(_CHUNK)
-        with open(path, "wb") as f:
-            for _ in range(size // _CHUNK):
-                f.write(block)
-            f.write(block[:size % _CHUNK])
-            f.flush()
-            os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        buf = bytearray(_CHUNK)
-        while os.readv(fd, [buf]):
-            pass
-    finally:
-        os.close(fd)
-
-
-def _first_line_with(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, kernel, Python, event loop and QEMU versions."""
-    qemu = run_cmd(["qemu-img", "--version"]).stdout.splitlines()
-    mem = _first_line_with("/proc/meminfo", "MemTotal")
-    try:
-        import uvloop
-        uvloop_version: str | None = uvloop.__version__
-    except ImportError:
-        uvloop_version = None
-    return {
-        "cpu": _first_line_with("/proc/cpuinfo", "model name") or platform.processor(),
-        "cores": os.cpu_count(),
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "uvloop": uvloop_version,
-        "qemu": qemu[0] if qemu else None,
-    }
 
 
 def run_cmd(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from ..errors import AioblockError
 
 __all__ = ["build_parser", "main", "run_coroutine"]
 
-_COMMANDS = ("info", "create", "check", "compare", "convert", "map", "io", "bench")
+_COMMANDS = ("info", "create", "check", "compare", "convert", "map", "io", "bench", "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:

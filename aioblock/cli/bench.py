@@ -10,17 +10,29 @@ Options and semantics follow ``qemu-img bench`` (QEMU 7.2, observed as a black b
   multiple of N (the end of the run included), drain the queue and flush; with ``--no-drain`` the flush is
   sent alongside the requests instead;
 * output: the same first line and the same "Run completed in N.NNN seconds." last line as qemu-img, then
-  (unless ``-q``) throughput and latency percentiles. ``-q`` prints exactly what qemu-img prints.
+  (unless ``-q``) throughput and latency percentiles. ``-q`` prints exactly what qemu-img prints;
+* ``--image-opts``: the positional argument is qemu's option string instead of a file name,
+  ``driver=FMT,file.filename=PATH[,key=value...]`` (``,,`` escapes a comma); ``driver`` is the format,
+  every other key an open option of it (qcow2's ``l2-cache-size``...), as qemu-img bench accepts it;
+* ``--json FILE`` (aioblock only): after the run, write the settings, elapsed time, ops/s, MiB/s, latency
+  percentiles, an HDR histogram of the per-request latencies (``aioblock.benchmark.latency``, nanoseconds,
+  so that runs can be merged) and ``statistics``, the disk's counters (``BlockBackend.statistics()``
+  as a dict, taken before the disk is closed). This is what ``aioblock benchmark`` reads.
 
 The request loop is kept lean: one pre-allocated buffer per in-flight slot, ``readinto`` for reads, and
 ``DEPTH`` worker tasks that each take the next offset when they send a request (so offsets are handed out in
-sending order, as qemu-img does from its completion callback).
+sending order, as qemu-img does from its completion callback). The histogram for ``--json`` is built from
+the latency list after the run, never inside the request loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
+import mmap
+import os
 import re
 import sys
 import time
@@ -32,8 +44,9 @@ from ..backend import BlockBackend
 from ..errors import AioblockError, InvalidOptionError
 from ..io.engine import ENGINES
 from ..sizes import parse_size
+from .common import parse_options
 
-__all__ = ["BenchResult", "BenchSettings", "add_parser", "run", "run_bench"]
+__all__ = ["BenchResult", "BenchSettings", "add_parser", "parse_image_opts", "result_json", "run", "run_bench"]
 
 _INT_MAX = (1 << 31) - 1
 _DEFAULT_COUNT = 75000
@@ -41,7 +54,8 @@ _DEFAULT_DEPTH = 64
 _DEFAULT_BUFSIZE = 4096
 #: -i values: aioblock's engine names, plus qemu-img's aio names as aliases ("native" is Linux AIO in QEMU;
 #: io_uring is the kernel-async engine aioblock has).
-ENGINE_NAMES = {"uring": "uring", "io_uring": "uring", "native": "uring", "threads": "threads", "sync": "sync"}
+ENGINE_NAMES = {"hybrid": "hybrid", "uring": "uring", "io_uring": "uring", "native": "uring", "threads": "threads",
+                "sync": "sync"}
 _PERCENTILES = ((50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9"))
 
 
@@ -76,7 +90,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="print only what qemu-img bench prints (no throughput or latency lines)")
     p.add_argument("-U", dest="force_share", action="store_true", help="accepted for qemu-img compatibility")
-    p.add_argument("filename", help="image file")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="FILE is an option string, driver=FMT,file.filename=PATH[,option=value...] (as qemu-img)")
+    p.add_argument("--json", dest="json_file", default=None, metavar="FILE",
+                   help="write settings, throughput, latency percentiles, an HDR latency histogram and the "
+                        "disk's statistics to FILE as JSON")
+    p.add_argument("filename", help="image file (with --image-opts: the option string)")
     p.set_defaults(run=run)
 
 
@@ -218,6 +237,15 @@ def _open_options(args: argparse.Namespace) -> tuple[str | None, str]:
 
 # ---- the run ----------------------------------------------------------------------------------------------
 
+def _aligned_buffer(size: int, fill: int) -> memoryview:
+    """A page-aligned buffer (as qemu-img bench's blk_blockalign): with O_DIRECT the file node then hands it
+    to the kernel without a bounce copy."""
+    view = memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+    if fill:
+        view[:] = bytes([fill]) * size
+    return view
+
+
 async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
     """Run the benchmark on an open disk. The first failed request stops the run and is raised (as
     ``AioblockError`` "Failed request: ..."); the other requests in flight are cancelled."""
@@ -246,18 +274,16 @@ async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
         next_offset = nxt
         return off
 
-    async def plain_worker(buf: bytearray) -> None:
+    async def plain_worker(view: memoryview) -> None:
         op = disk.write if s.write else disk.readinto
-        view = memoryview(buf)
         while issued < count:
             t0 = clock()
             await op(take_offset(), view)
             record(clock() - t0)
 
-    async def flush_worker(buf: bytearray) -> None:
+    async def flush_worker(view: memoryview) -> None:
         nonlocal gate, last_flush_point
         op = disk.write if s.write else disk.readinto
-        view = memoryview(buf)
         while True:
             while gate is not None:
                 await gate
@@ -282,7 +308,7 @@ async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
             record(clock() - t0)
 
     worker = flush_worker if interval else plain_worker
-    buffers = [bytearray([s.pattern]) * s.bufsize for _ in range(workers)]
+    buffers = [_aligned_buffer(s.bufsize, s.pattern) for _ in range(workers)]
     start = time.perf_counter()
     try:
         if workers == 1:
@@ -308,16 +334,86 @@ async def run_bench(disk: BlockBackend, s: BenchSettings) -> BenchResult:
     return BenchResult(s, elapsed, latencies)
 
 
+def parse_image_opts(text: str) -> tuple[str, str, dict[str, str]]:
+    """``driver=qcow2,file.filename=PATH,l2-cache-size=1M`` -> (path, format, open options).
+
+    As qemu-img's ``--image-opts``: ``driver`` names the format (``file`` means a raw file, then with
+    ``filename=``), ``file.filename`` the image, ``file.driver`` may only be ``file``; every other key is an
+    open option of the format (refused by ``aioblock.open`` if the format has no such option)."""
+    opts = parse_options([text])
+    driver = opts.pop("driver", None)
+    if driver is None:
+        raise InvalidOptionError("Parameter 'driver' is missing")
+    if driver == "file":
+        path, fmt = opts.pop("filename", None), "raw"
+    elif driver in ("raw", "qcow2"):
+        path, fmt = opts.pop("file.filename", None), driver
+        if opts.pop("file.driver", "file") != "file":
+            raise InvalidOptionError("only file.driver=file is supported (aioblock opens local files)")
+    else:
+        raise InvalidOptionError(f"Unknown driver '{driver}' (choose from raw, qcow2, file)")
+    if not path:
+        raise InvalidOptionError("the option string names no file (file.filename=PATH)")
+    nested = sorted(k for k in opts if "." in k)
+    if nested:
+        raise InvalidOptionError(f"unsupported option '{nested[0]}' (aioblock opens local files: "
+                                 "file.filename and file.driver=file only)")
+    return path, fmt, opts
+
+
+def result_json(result: BenchResult, *, fmt: str | None, engine: str | None, cache: str, filename: str,
+                options: dict[str, str], statistics: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` document of a finished run (the histogram is built here, after the run)."""
+    from ..benchmark.latency import HIGHEST_NS, SIGNIFICANT_DIGITS, LatencyHistogram
+    loop_module = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    return {
+        "tool": "aioblock bench",
+        "settings": {**dataclasses.asdict(result.settings), "format": fmt, "engine": engine, "cache": cache,
+                     "loop": "uvloop" if loop_module == "uvloop" else "asyncio", "filename": filename,
+                     "options": options},
+        "elapsed_s": result.elapsed,
+        "ops_per_s": result.ops_per_second,
+        "mib_per_s": result.mib_per_second,
+        "latency_us": result.percentiles_us() or None,
+        "histogram": {"format": "hdrh", "unit": "ns", "lowest": 1, "highest": HIGHEST_NS,
+                      "significant_digits": SIGNIFICANT_DIGITS,
+                      "count": len(result.latencies_ns),
+                      "data": LatencyHistogram.of(result.latencies_ns).encode()},
+        "statistics": statistics,
+    }
+
+
 async def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     engine, cache = _open_options(args)
-    async with api.open(args.filename, args.fmt, read_only=not settings.write, engine=engine,
-                        cache=cache) as disk:
+    filename, fmt = args.filename, args.fmt
+    options: dict[str, str] = {}
+    if args.image_opts:
+        if fmt is not None:
+            raise InvalidOptionError("--image-opts and --format are mutually exclusive")
+        filename, fmt, options = parse_image_opts(args.filename)
+        args.filename = filename                  # errors name the image, not the option string
+    statistics: dict[str, Any] = {}
+    async with api.open(filename, fmt, read_only=not settings.write, engine=engine, cache=cache,
+                        options=options or None) as disk:
         out = sys.stdout
         out.write("\n".join(settings.header()) + "\n")
         out.flush()
         result = await run_bench(disk, settings)
+        if args.json_file is not None:
+            statistics = dataclasses.asdict(disk.statistics())
+            fmt = fmt or disk.format
     lines = result.summary()
     out.write("\n".join(lines[:1] if args.quiet else lines) + "\n")
     out.flush()
+    if args.json_file is not None:
+        doc = result_json(result, fmt=fmt, engine=engine, cache=cache, filename=filename, options=options,
+                          statistics=statistics)
+        tmp = f"{args.json_file}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1, default=str)
+            os.replace(tmp, args.json_file)
+        except OSError as exc:
+            raise AioblockError(f"cannot write {args.json_file}: {exc.strerror or exc}") from None
     return 0

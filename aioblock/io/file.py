@@ -25,6 +25,7 @@ request, so that their bookkeeping follows the syscall.
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import mmap
 import os
@@ -104,6 +105,7 @@ class FileNode(BlockDriver):
         self.alignment = alignment
         self.limits = Limits(opt_alignment=alignment)
         self._tracker = RangeTracker()          # O_DIRECT only: read-modify-writes serialised per block
+        self._pool = _BouncePool()
         self._size = size
         self._closed = False
         self._fsync_error: int | None = None     # errno of the first failed fsync (sticky: see flush)
@@ -221,29 +223,52 @@ class FileNode(BlockDriver):
         a = self.alignment
         return offset - offset % a, -(-(offset + length) // a) * a
 
+    def _aligned(self, offset: int, buf: memoryview) -> bool:
+        """Whether ``buf`` can go to the kernel as it is: offset, length and memory address on block
+        boundaries (then no bounce copy; callers that use O_DIRECT can allocate such buffers, e.g. with
+        mmap, as ``aioblock bench`` does)."""
+        a = self.alignment
+        if offset % a or len(buf) % a or buf.readonly:
+            return False
+        try:
+            return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % a == 0
+        except (TypeError, ValueError):
+            return False
+
+    async def _read_blocks(self, offset: int, view: memoryview) -> int:
+        """One aligned read; bytes past the end of the file read as zeroes. Returns the bytes the file had."""
+        try:
+            got = await self.engine.pread(self.fd, view, offset)
+        except OSError as exc:
+            raise BlockIOError.from_os_error(exc, filename=self.filename) from None
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+        return got
+
     async def _direct_read(self, offset: int, buf: memoryview) -> None:
-        """Read the covering aligned blocks through a bounce buffer (tracked: an overlapping read-modify-write
-        finishes first, so a read never sees a block halfway through one)."""
+        """Read the covering aligned blocks, through a bounce buffer unless ``buf`` is aligned (tracked: an
+        overlapping read-modify-write finishes first, so a read never sees a block halfway through one)."""
         start, end = self._block_range(offset, len(buf))
         me = await self._tracker.track(start, end, False)
         try:
+            if self._aligned(offset, buf):
+                await self._read_blocks(offset, buf)
+                return
             size = min(end - start, _BOUNCE_CHUNK)
-            view = _aligned_buffer(size)
-            pos = start                                   # file offset of the next chunk
-            while pos < end:
-                n = min(size, end - pos)
-                try:
-                    got = await self.engine.pread(self.fd, view[:n], pos)
-                except OSError as exc:
-                    raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-                if got < n:                               # end of file: the rest reads as zeroes
-                    view[got:n] = bytes(n - got)
-                lo, hi = max(pos, offset), min(pos + n, offset + len(buf))
-                buf[lo - offset:hi - offset] = view[lo - pos:hi - pos]
-                if got < n:
-                    buf[hi - offset:] = bytes(len(buf) - (hi - offset))
-                    return
-                pos += n
+            bounce = self._pool.take(size)
+            try:
+                pos = start                               # file offset of the next chunk
+                while pos < end:
+                    n = min(size, end - pos)
+                    got = await self._read_blocks(pos, bounce[:n])
+                    lo, hi = max(pos, offset), min(pos + n, offset + len(buf))
+                    buf[lo - offset:hi - offset] = bounce[lo - pos:hi - pos]
+                    if got < n:                           # end of file: the rest reads as zeroes
+                        buf[hi - offset:] = bytes(len(buf) - (hi - offset))
+                        return
+                    pos += n
+            finally:
+                self._pool.give(bounce)
         finally:
             self._tracker.untrack(me)
 
@@ -261,45 +286,39 @@ class FileNode(BlockDriver):
                 self._size = end
             if rmw:
                 view = _aligned_buffer(end - start)
-                await self._edge_read(start, view[:a])
+                await self._read_blocks(start, view[:a])
                 if end - a > start:
-                    await self._edge_read(end - a, view[-a:])
+                    await self._read_blocks(end - a, view[-a:])
                 view[offset - start:offset - start + len(buf)] = buf
                 await self._bounce_write(start, view, aligned=True)
             else:
-                await self._bounce_write(offset, buf, aligned=False)
+                await self._bounce_write(offset, buf, aligned=self._aligned(offset, buf))
         finally:
             self._tracker.untrack(me)
 
-    async def _edge_read(self, offset: int, view: memoryview) -> None:
+    async def _bounce_write(self, offset: int, buf: memoryview, *, aligned: bool) -> None:
+        """Write whole blocks ``buf`` at block offset ``offset``: as it is when ``aligned``, else through a
+        bounce buffer in chunks of at most ``_BOUNCE_CHUNK``."""
+        if aligned:
+            await self._write_blocks(offset, buf)
+            return
+        size = min(len(buf), _BOUNCE_CHUNK)
+        bounce = self._pool.take(size)
         try:
-            got = await self.engine.pread(self.fd, view, offset)
+            for pos in range(0, len(buf), size):
+                n = min(size, len(buf) - pos)
+                bounce[:n] = buf[pos:pos + n]
+                await self._write_blocks(offset + pos, bounce[:n])
+        finally:
+            self._pool.give(bounce)
+
+    async def _write_blocks(self, offset: int, view: memoryview) -> None:
+        try:
+            done = await self.engine.pwrite(self.fd, view, offset)
         except OSError as exc:
             raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-        if got < len(view):
-            view[got:] = bytes(len(view) - got)
-
-    async def _bounce_write(self, offset: int, buf: memoryview, *, aligned: bool) -> None:
-        """Write whole blocks ``buf`` at block offset ``offset`` in chunks of at most ``_BOUNCE_CHUNK``, copied
-        into an aligned buffer first unless ``buf`` is ``aligned`` (one of ours)."""
-        size = min(len(buf), _BOUNCE_CHUNK)
-        own = aligned
-        view = buf if own else _aligned_buffer(size)
-        pos = 0
-        while pos < len(buf):
-            n = min(size, len(buf) - pos)
-            if own:
-                chunk = buf[pos:pos + n]
-            else:
-                view[:n] = buf[pos:pos + n]
-                chunk = view[:n]
-            try:
-                done = await self.engine.pwrite(self.fd, chunk, offset + pos)
-            except OSError as exc:
-                raise BlockIOError.from_os_error(exc, filename=self.filename) from None
-            if done != n:
-                raise BlockIOError(_errno.EIO, "short O_DIRECT write", filename=self.filename)
-            pos += n
+        if done != len(view):
+            raise BlockIOError(_errno.EIO, "short O_DIRECT write", filename=self.filename)
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                             fua: bool = False) -> None:
@@ -411,6 +430,28 @@ class FileNode(BlockDriver):
 def _aligned_buffer(size: int) -> memoryview:
     """A page-aligned buffer for O_DIRECT. Freed by GC: an engine may still hold a slice of it."""
     return memoryview(mmap.mmap(-1, size))
+
+
+class _BouncePool:
+    """Page-aligned bounce buffers for O_DIRECT, reused: a fresh mmap per request costs a page fault and a
+    munmap (with its TLB shootdown) each time. Sizes are powers of two from 4 KiB up to ``_BOUNCE_CHUNK``;
+    at most ``KEEP`` free buffers are kept per size. A buffer is given back only after the engine has
+    returned, i.e. after the kernel is done with it (cancellation.py rule 4)."""
+
+    KEEP = 64
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[memoryview]] = {}
+
+    def take(self, size: int) -> memoryview:
+        size = max(4096, 1 << (size - 1).bit_length())
+        free = self._free.get(size)
+        return free.pop() if free else _aligned_buffer(size)
+
+    def give(self, view: memoryview) -> None:
+        free = self._free.setdefault(len(view), [])
+        if len(free) < self.KEEP:
+            free.append(view)
 
 
 def _probe_direct_alignment(fd: int, size: int) -> int:

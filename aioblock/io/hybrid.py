@@ -7,8 +7,10 @@ plain syscall on cold data blocks the event loop for the whole disk access. So, 
 
 * **Reads**: ``preadv2(RWF_NOWAIT)``. The kernel copies what is cached and answers EAGAIN instead of blocking
   on anything else; on EAGAIN (or a short read, whose rest then comes here again) the request goes to the
-  fallback engine. On memory filesystems (tmpfs, ramfs), which reject RWF_NOWAIT with EOPNOTSUPP but never
-  wait for a disk, reads are plain ``preadv``. Other filesystems without RWF_NOWAIT always use the fallback.
+  fallback engine, unless SEEK_DATA shows the range is a hole of a sparse file (then it reads as zeroes
+  inline: no disk access to wait for). On memory filesystems (tmpfs, ramfs), which reject RWF_NOWAIT with
+  EOPNOTSUPP but never wait for a disk, reads are plain ``preadv``. Other filesystems without RWF_NOWAIT
+  always use the fallback.
 * **Writes**: Linux has no RWF_NOWAIT for buffered writes on most filesystems (EOPNOTSUPP on ext4 and tmpfs
   here), and io_uring punts them to io-wq workers that serialise on the inode lock (0.3-0.6x of inline). A
   buffered write normally only copies into the page cache, so it runs inline, unless the kernel is about to
@@ -119,6 +121,26 @@ def dirty_headroom() -> int | None:
         return None
 
 
+def _hole_read(fd: int, buf: memoryview, offset: int) -> int | None:
+    """Serve a read that lies wholly in a hole of a sparse file (or past its end) without I/O: zeroes, and the
+    byte count a read would return. None when the range holds data (or the file system cannot tell). A hole's
+    pages can be missing or held by readahead (RWF_NOWAIT answers EAGAIN) though no disk access is needed;
+    this costs one or two syscalls instead of a trip through the ring (sequential 4 KiB reads of a sparse
+    file at depth 64: 0.85 s through the ring, 0.23 s here, for 75,000 requests)."""
+    n = len(buf)
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != _errno.ENXIO:        # ENXIO: no data at or after offset
+            return None
+        n = max(0, min(n, os.fstat(fd).st_size - offset))
+    else:
+        if data < offset + n:
+            return None
+    buf[:n] = bytes(n)
+    return n
+
+
 def _on_memory_fs(fd: int) -> bool:
     """Whether ``fd`` is on tmpfs or ramfs (fstatfs's f_type, the first field of struct statfs)."""
     buf = ctypes.create_string_buffer(256)
@@ -141,6 +163,7 @@ class HybridEngine(Engine):
         self._inline = 0
         self._handed_on = 0
         self._nowait_misses = 0
+        self._holes = 0
         self._slow_writes = 0
         self._dirty_handoffs = 0
         self._yields = 0
@@ -187,6 +210,11 @@ class HybridEngine(Engine):
                                                                                                        offset)
             except BlockingIOError:
                 self._nowait_misses += 1
+                zeroes = _hole_read(fd, buf, offset)
+                if zeroes is not None:
+                    self._holes += 1
+                    self._run += 1
+                    return zeroes
             except OSError as exc:
                 if exc.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL) or mode != _READ_NOWAIT:
                     raise
@@ -239,7 +267,7 @@ class HybridEngine(Engine):
 
     def statistics(self) -> dict[str, Any]:
         return {"name": self.name, "inline": self._inline, "handed_on": self._handed_on,
-                "nowait_misses": self._nowait_misses, "slow_writes": self._slow_writes,
+                "nowait_misses": self._nowait_misses, "holes": self._holes, "slow_writes": self._slow_writes,
                 "dirty_handoffs": self._dirty_handoffs, "yields": self._yields,
                 "fallback": self.fallback.statistics()}
 

@@ -295,3 +295,28 @@ async def test_file_node_aligns_o_direct_requests_itself(tmp_path: Path) -> None
     finally:
         await node.close()
     assert path.read_bytes()[8190:8194] == b"tail"
+
+
+def test_hybrid_hole_reads(tmp_path: Path) -> None:
+    """A read that misses the page cache (RWF_NOWAIT's EAGAIN, e.g. while readahead holds the pages) but lies
+    wholly in a hole of a sparse file needs no disk access: zeroes inline, with the count a read returns. A
+    range that holds data is left to the ring (None)."""
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(4 << 20)
+        f.write(b"D" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(b"x" * 8192)
+        data = os.lseek(fd, 0, os.SEEK_DATA)
+        if data != 4 << 20:
+            pytest.skip("the test directory's file system does not report holes")
+        assert hybrid._hole_read(fd, memoryview(buf), 1 << 20) == 8192 and buf == bytes(8192)
+        buf[:] = b"x" * 8192
+        assert hybrid._hole_read(fd, memoryview(buf), (8 << 20) - 4096) == 4096       # hole up to the end
+        assert buf[:4096] == bytes(4096)
+        assert hybrid._hole_read(fd, memoryview(buf), 9 << 20) == 0                   # past the end
+        assert hybrid._hole_read(fd, memoryview(buf), (4 << 20) - 4096) is None       # hole, then data
+    finally:
+        os.close(fd)
