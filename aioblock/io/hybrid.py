@@ -18,9 +18,10 @@ plain syscall on cold data blocks the event loop for the whole disk access. So, 
   balance_dirty_pages starts pausing writers (``(dirty threshold + background threshold) / 2``, from
   /proc/vmstat and the vm.dirty_* sysctls: ``dirty_headroom``), writes go to the fallback engine, whose
   workers take the pauses instead of the loop. The headroom is read again every ``DIRTY_REFRESH_S``, or
-  sooner once the engine's own inline writes have used it up. Inline writes are also timed: one slower than
-  ``SLOW_WRITE_NS`` (a pause the global counters did not predict: a cgroup's limit, a journal wait) sends that
-  file's writes to the fallback for ``HOLDOFF_S`` (doubling while they stay slow, up to ``HOLDOFF_MAX_S``).
+  sooner (at most every ``DIRTY_REFRESH_MIN_S``) once the engine's own inline writes have used it up.
+  Inline writes are also timed: one slower than ``SLOW_WRITE_NS`` (a pause the global counters did not
+  predict: a cgroup's limit, a journal wait) sends that file's writes to the fallback for ``HOLDOFF_S``
+  (doubling while they stay slow, up to ``HOLDOFF_MAX_S``).
   Memory filesystems always write inline.
 * Requests of ``uring.OFFLOAD_MIN`` bytes or more, flushes and fallocate always go to the fallback engine:
   their copy or their wait is worth moving off the loop's core.
@@ -55,8 +56,8 @@ from .. import cancellation
 from .engine import Engine, libc
 from .uring import OFFLOAD_MIN
 
-__all__ = ["DIRTY_NEAR", "DIRTY_REFRESH_S", "HOLDOFF_MAX_S", "HOLDOFF_S", "SLOW_WRITE_NS", "TICK_BUDGET_NS",
-           "YIELD_EVERY", "HybridEngine", "dirty_headroom"]
+__all__ = ["DIRTY_NEAR", "DIRTY_REFRESH_MIN_S", "DIRTY_REFRESH_S", "HOLDOFF_MAX_S", "HOLDOFF_S", "SLOW_WRITE_NS",
+           "TICK_BUDGET_NS", "YIELD_EVERY", "HybridEngine", "dirty_headroom"]
 
 #: an inline write slower than this (ns) means the kernel blocked: later writes of the file go to the fallback
 SLOW_WRITE_NS = 500_000
@@ -74,7 +75,10 @@ TICK_BUDGET_NS = 500_000
 #: writes go to the fallback above this fraction of the dirty-page throttling point
 DIRTY_NEAR = 0.75
 DIRTY_REFRESH_S = 0.02
+#: ... and at most this often when the engine's own writes used the headroom up (a reading costs ~60-90 us)
+DIRTY_REFRESH_MIN_S = 0.002
 
+_current_task = asyncio.current_task
 _MEMORY_FS = (0x01021994, 0x858458F6)       # TMPFS_MAGIC, RAMFS_MAGIC
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
@@ -158,7 +162,8 @@ class HybridEngine(Engine):
         self.fallback = fallback
         self._files: dict[int, _FileState] = {}
         self._loop = asyncio.get_running_loop()
-        self._run = 0                        # inline completions since the engine last yielded
+        self._run = 0                        # inline completions in a row by task _runner, since it yielded
+        self._runner: object = None
         self._tick_deadline = 0              # perf_counter_ns() when this loop iteration's budget ends; 0: none
         self._inline = 0
         self._handed_on = 0
@@ -175,6 +180,16 @@ class HybridEngine(Engine):
         if st is None:
             st = self._files[fd] = _FileState(_on_memory_fs(fd))
         return st
+
+    def _must_yield(self) -> bool:
+        """Before an inline request: whether the task has run ``YIELD_EVERY`` of them in a row (a task that
+        suspended in between, e.g. waiting for an allocation, starts a new run) or the loop iteration's
+        budget is spent."""
+        task = _current_task()
+        if task is not self._runner:
+            self._runner = task
+            self._run = 0
+        return self._run >= YIELD_EVERY or self._over_budget()
 
     def _over_budget(self) -> bool:
         """Whether this loop iteration has spent ``TICK_BUDGET_NS`` on inline requests (then the caller yields).
@@ -203,7 +218,7 @@ class HybridEngine(Engine):
         st = self._files.get(fd) or self._state(fd)
         mode = st.read_mode
         if mode != _READ_FALLBACK and buf.nbytes < OFFLOAD_MIN:
-            if self._run >= YIELD_EVERY or self._over_budget():
+            if self._must_yield():
                 await self._yield()
             try:
                 n = os.preadv(fd, [buf], offset, _RWF_NOWAIT) if mode == _READ_NOWAIT else os.preadv(fd, [buf],
@@ -230,7 +245,7 @@ class HybridEngine(Engine):
     async def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
         st = self._files.get(fd) or self._state(fd)
         if buf.nbytes < OFFLOAD_MIN and (st.memory or self._inline_write_ok(st, buf.nbytes)):
-            if self._run >= YIELD_EVERY or self._over_budget():
+            if self._must_yield():
                 await self._yield()
             t0 = time.perf_counter_ns()
             n = os.pwritev(fd, [buf], offset)
@@ -250,7 +265,8 @@ class HybridEngine(Engine):
         """Whether a buffered write to a disk file system can run inline now (the module docstring)."""
         now = time.monotonic()
         room = self._headroom = self._headroom - length
-        if now - self._dirty_checked >= DIRTY_REFRESH_S or 0 >= room > -length:    # stale, or just used up
+        age = now - self._dirty_checked
+        if age >= DIRTY_REFRESH_S or (room <= 0 and age >= DIRTY_REFRESH_MIN_S):   # stale, or used up
             self._dirty_checked = now
             fresh = dirty_headroom()
             self._headroom = (1 << 62) if fresh is None else fresh

@@ -263,6 +263,7 @@ async def test_hybrid_writes_go_to_the_ring_near_dirty_throttling(tmp_path: Path
         await node.pwrite(0, memoryview(b"d" * 4096))
         monkeypatch.setattr(hybrid, "dirty_headroom", lambda: 1 << 30)
         monkeypatch.setattr(hybrid, "DIRTY_REFRESH_S", 0.0)
+        monkeypatch.setattr(hybrid, "DIRTY_REFRESH_MIN_S", 0.0)
         await node.pwrite(4096, memoryview(b"e" * 4096))
         stats = _engine_stats(node)
         assert stats["dirty_handoffs"] == 1 and stats["handed_on"] == 1 and stats["inline"] == 1
