@@ -48,10 +48,10 @@ def open(path: str, fmt: str | None = None, *, read_only: bool = False, engine: 
          cache: str = "writeback", options: Mapping[str, Any] | None = None) -> OpenContext:
     """Open a disk image.
 
-    ``fmt``: the format (probed from the content when None). ``engine``: "uring", "threads" or "sync" (None:
-    the default, see README). ``cache``: "writeback" (page cache) or "none" (O_DIRECT). ``options``: format
-    options (e.g. qcow2's ``l2-cache-size``) and the graph options ``backing`` ("open" | "ignore" | "deny")
-    and ``inject`` (a fault injector, for tests).
+    ``fmt``: the format (probed from the content when None). ``engine``: "hybrid", "uring", "threads" or "sync"
+    (None: the default, see README "I/O engines"). ``cache``: "writeback" (page cache) or "none" (O_DIRECT).
+    ``options``: format options (e.g. qcow2's ``l2-cache-size``) and the graph options ``backing`` ("open" |
+    "ignore" | "deny") and ``inject`` (a fault injector, for tests).
 
     ``disk = await aioblock.open(...)`` or ``async with aioblock.open(...) as disk:``.
     """

@@ -47,7 +47,7 @@ from .engine import (
     ThreadsEngine,
     in_thread,
 )
-from .hybrid import HybridEngine
+from .hybrid import HybridEngine, on_memory_fs
 from .uring import UringEngine, uring_available
 
 __all__ = ["CACHE_MODES", "FileNode", "available_engines", "make_engine"]
@@ -61,7 +61,8 @@ def make_engine(name: str | None, *, direct: bool = False) -> Engine:
     will not block, io_uring where it might) for page-cache files, ``uring`` for O_DIRECT ones; where io_uring
     does not work, ``threads`` takes its place (it never blocks the loop on a cold read either), with a one-line
     notice on stderr. Measurements behind the choice: benchmarks/README.md. ``direct``: the engine's file is
-    opened with O_DIRECT (no page-cache copies to offload, nothing to try inline)."""
+    opened with O_DIRECT on a disk (no page-cache copies to offload, nothing to try inline; O_DIRECT on tmpfs
+    is a plain copy, which the hybrid engine does inline: the caller passes False then)."""
     if name is None:
         if uring_available():
             ring: Engine = UringEngine(offload=not direct)
@@ -144,7 +145,7 @@ class FileNode(BlockDriver):
                 raise ImageOpenError(f"'file' driver requires '{filename}' to be a regular file",
                                      filename=filename)
             alignment = _probe_direct_alignment(fd, size) if direct else 1
-            eng = make_engine(engine, direct=direct)
+            eng = make_engine(engine, direct=direct and not on_memory_fs(fd))
         except BaseException:
             os.close(fd)
             raise

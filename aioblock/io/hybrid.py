@@ -33,8 +33,9 @@ on inline requests, the engine yields to the loop before the next one (before th
 has happened if the request is cancelled there; inside a committed request the cancellation is deferred,
 cancellation.py rule 1).
 
-O_DIRECT files do not use this engine (``make_engine`` gives them the fallback directly): their requests
-always wait for the device.
+O_DIRECT files on disks do not use this engine (``make_engine`` gives them the fallback directly): their
+requests always wait for the device. On tmpfs O_DIRECT is a plain copy, served inline like any tmpfs request
+(through io_uring, tmpfs requests are punted to io-wq workers: 0.4-0.6x of qemu-img's thread pool).
 
 Cancellation: an inline syscall cannot be interrupted, so rule 4 (kernel I/O is never abandoned) holds
 trivially; requests handed on follow the fallback engine's rules.
@@ -57,7 +58,7 @@ from .engine import Engine, libc
 from .uring import OFFLOAD_MIN
 
 __all__ = ["DIRTY_NEAR", "DIRTY_REFRESH_MIN_S", "DIRTY_REFRESH_S", "HOLDOFF_MAX_S", "HOLDOFF_S", "SLOW_WRITE_NS",
-           "TICK_BUDGET_NS", "YIELD_EVERY", "HybridEngine", "dirty_headroom"]
+           "TICK_BUDGET_NS", "YIELD_EVERY", "HybridEngine", "dirty_headroom", "on_memory_fs"]
 
 #: an inline write slower than this (ns) means the kernel blocked: later writes of the file go to the fallback
 SLOW_WRITE_NS = 500_000
@@ -145,7 +146,7 @@ def _hole_read(fd: int, buf: memoryview, offset: int) -> int | None:
     return n
 
 
-def _on_memory_fs(fd: int) -> bool:
+def on_memory_fs(fd: int) -> bool:
     """Whether ``fd`` is on tmpfs or ramfs (fstatfs's f_type, the first field of struct statfs)."""
     buf = ctypes.create_string_buffer(256)
     if libc.fstatfs(fd, buf) != 0:
@@ -178,7 +179,7 @@ class HybridEngine(Engine):
     def _state(self, fd: int) -> _FileState:
         st = self._files.get(fd)
         if st is None:
-            st = self._files[fd] = _FileState(_on_memory_fs(fd))
+            st = self._files[fd] = _FileState(on_memory_fs(fd))
         return st
 
     def _must_yield(self) -> bool:

@@ -232,7 +232,7 @@ async def test_engine_statistics_count_inline_and_handed_on_requests(tmp_path: P
         await disk.flush()
         eng = disk.statistics().driver["file"]["engine"]
     assert eng["name"] == "hybrid" and eng["fallback"]["name"] == "uring"
-    assert eng["inline"] >= 65 and eng["handed_on"] >= 1
+    assert eng["inline"] >= 33 and eng["handed_on"] >= 1          # (the writes may go to the ring: dirty pages)
     assert eng["yields"] >= 32 // 8 - 1                          # the engine yielded between them
     assert eng["fallback"]["sqes"] >= 2 and eng["fallback"]["submits"] >= 1
 

@@ -162,7 +162,7 @@ async def test_hybrid_cold_reads_go_to_the_ring(tmp_path: Path) -> None:
         await node.pread(512 << 10, memoryview(buf))
         assert buf == data[512 << 10:(512 << 10) + 4096]
         stats = _engine_stats(node)
-        if hybrid._on_memory_fs(node.fd):
+        if hybrid.on_memory_fs(node.fd):
             pytest.skip("the test directory is on a memory file system (never cold)")
         assert stats["nowait_misses"] == 1 and stats["handed_on"] == 1 and stats["inline"] == 0
         await node.pread(512 << 10, memoryview(buf))                   # now cached: inline
@@ -186,6 +186,18 @@ async def test_hybrid_serves_tmpfs_inline() -> None:
         assert stats["inline"] == 2 and stats["handed_on"] == 0
     finally:
         await node.close()
+    try:                                   # O_DIRECT on tmpfs is a copy too: the default engine is hybrid
+        direct = await FileNode.open_file(path, cache="none")
+    except aioblock.errors.ImageOpenError:
+        os.unlink(path)
+        return                             # a kernel whose tmpfs has no O_DIRECT (before 6.6)
+    try:
+        assert isinstance(direct.engine, HybridEngine)
+        buf = bytearray(100)
+        await direct.pread(10, memoryview(buf))
+        assert buf == b"t" * 100 and _engine_stats(direct)["inline"] >= 1
+    finally:
+        await direct.close()
         os.unlink(path)
 
 
@@ -194,10 +206,11 @@ async def test_hybrid_slow_writes_send_later_writes_to_the_ring(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """An inline write slower than SLOW_WRITE_NS (here: any) sends the file's writes to the ring for a while."""
     monkeypatch.setattr(hybrid, "SLOW_WRITE_NS", -1)
+    monkeypatch.setattr(hybrid, "dirty_headroom", lambda: 1 << 40)     # whatever else dirties pages meanwhile
     path = tmp_path / "slow.raw"
     node = await FileNode.open_file(str(path), engine="hybrid", create=True)
     try:
-        if hybrid._on_memory_fs(node.fd):
+        if hybrid.on_memory_fs(node.fd):
             pytest.skip("the test directory is on a memory file system (writes always inline)")
         for i in range(3):
             await node.pwrite(i * 4096, memoryview(bytes([i + 1]) * 4096))
@@ -257,7 +270,7 @@ async def test_hybrid_writes_go_to_the_ring_near_dirty_throttling(tmp_path: Path
     path = tmp_path / "dirty.raw"
     node = await FileNode.open_file(str(path), engine="hybrid", create=True)
     try:
-        if hybrid._on_memory_fs(node.fd):
+        if hybrid.on_memory_fs(node.fd):
             pytest.skip("the test directory is on a memory file system (writes always inline)")
         monkeypatch.setattr(hybrid, "dirty_headroom", lambda: -1)
         await node.pwrite(0, memoryview(b"d" * 4096))
