@@ -23,6 +23,7 @@ from ..sizes import parse_size
 from .common import parse_options
 
 CHUNK = 2 << 20
+_ZEROES = memoryview(bytes(64 << 10))
 
 
 def add_parser(sub: Any) -> None:
@@ -86,9 +87,11 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
 
     async def worker() -> None:
         nonlocal written
+        buf = memoryview(bytearray(chunk))      # reused: each job is written before the next is read
         while (job := await queue.get()) is not None:
             seq, offset, length = job
-            data = await src.read(offset, length)
+            data = buf[:length]
+            await src.readinto(offset, data)
             if in_order:
                 await my_turn(seq)
             if compress:
@@ -130,18 +133,24 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
     bar.close()
 
 
-async def _write_sparse(dst: BlockBackend, offset: int, data: bytes, sparse: int) -> None:
-    """Write the non-zero ``sparse``-aligned blocks of ``data`` (all of it when ``sparse`` is 0)."""
+def _is_zero(view: memoryview) -> bool:
+    n = len(view)
+    if n > len(_ZEROES):
+        return all(_is_zero(view[i:i + len(_ZEROES)]) for i in range(0, n, len(_ZEROES)))
+    return view == _ZEROES[:n]
+
+
+async def _write_sparse(dst: BlockBackend, offset: int, view: memoryview, sparse: int) -> None:
+    """Write the non-zero ``sparse``-aligned blocks of ``view`` (all of it when ``sparse`` is 0)."""
     if sparse <= 0:
-        await dst.write(offset, data)
+        await dst.write(offset, view)
         return
-    view = memoryview(data)
-    end = offset + len(data)
+    end = offset + len(view)
     run_start: int | None = None
     pos = offset
     while pos < end:
         block_end = min((pos // sparse + 1) * sparse, end)
-        nonzero = view[pos - offset:block_end - offset].tobytes().strip(b"\0") != b""
+        nonzero = not _is_zero(view[pos - offset:block_end - offset])
         if nonzero and run_start is None:
             run_start = pos
         elif not nonzero and run_start is not None:
@@ -152,9 +161,9 @@ async def _write_sparse(dst: BlockBackend, offset: int, data: bytes, sparse: int
         await dst.write(run_start, view[run_start - offset:])
 
 
-async def _write_compressed(dst: BlockBackend, offset: int, data: bytes) -> None:
+async def _write_compressed(dst: BlockBackend, offset: int, data: memoryview) -> None:
     cluster = dst.cluster_size or len(data)
     for pos in range(0, len(data), cluster):
         piece = data[pos:pos + cluster]
-        if piece.strip(b"\0"):
+        if not _is_zero(piece):
             await dst.write_compressed(offset + pos, piece)
