@@ -80,7 +80,7 @@ def add_parser(sub: Any) -> None:
                    help="native AIO, as qemu-img's -i native (aioblock's kernel-async engine, uring); "
                         "needs -t none")
     p.add_argument("-i", dest="engine", default=None, metavar="ENGINE",
-                   help="I/O engine: uring | threads | sync (qemu's io_uring, native and threads are "
+                   help="I/O engine: hybrid | uring | threads | sync (qemu's io_uring, native and threads are "
                         "accepted too; default: aioblock's default engine)")
     p.add_argument("--pattern", default="0", metavar="PATTERN", help="byte written by -w (default 0)")
     p.add_argument("--flush-interval", dest="flush_interval", default="0", metavar="N",
