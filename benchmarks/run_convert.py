@@ -3,7 +3,8 @@
 
 The source is a 1 GiB image half allocated (every other 1 MiB holds random data, the rest is a hole; the
 qcow2 source is ``qemu-img convert`` of the raw one), page-cache hot. Each repetition runs qemu-img, then
-aioblock, with the same arguments (default options on both sides) into a new file; the outputs must compare
+aioblock, with the same arguments (default options on both sides) into a new file (which of the two goes
+first alternates), after a ``sync``, following one warm-up round that is not kept; the outputs must compare
 identical (``qemu-img compare``). Wall-clock seconds per run, medians, and qemu-img's time / ours (above 1:
 aioblock faster). Results (every run) go to ``--out``.
 
@@ -33,6 +34,11 @@ CASES: dict[str, tuple[str, str, list[str]]] = {     # name: (source format, out
 }
 
 
+def fs_type(d: Path) -> str:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(d)], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
 def make_sources(d: Path) -> dict[str, Path]:
     raw, qcow2 = d / "src.raw", d / "src.qcow2"
     if not raw.exists():
@@ -51,8 +57,12 @@ def make_sources(d: Path) -> dict[str, Path]:
 
 
 def timed(argv: list[str]) -> float:
+    """Seconds ``argv`` takes, after a sync (the previous run's dirty pages are not this run's to write back).
+    Python may write bytecode (PYTHONDONTWRITEBYTECODE unset): the startup a user's installation has."""
+    os.sync()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
 
@@ -67,15 +77,19 @@ def main() -> int:
     src = make_sources(d)
     tools = {"qemu-img": ["qemu-img", "convert"], "aioblock": [sys.executable, "-m", "aioblock", "convert"]}
     runs: dict[str, dict[str, list[float]]] = {c: {t: [] for t in tools} for c in CASES}
-    for rep in range(args.repeat):
+    for rep in range(-1, args.repeat):            # repetition -1 warms up (caches, bytecode) and is not kept
         for case, (ifmt, ofmt, extra) in CASES.items():
             outs = {}
-            for tool, argv in tools.items():
+            order = list(tools.items()) if rep % 2 == 0 else list(tools.items())[::-1]
+            for tool, argv in order:
                 out = d / f"out-{tool}.{ofmt}"
                 out.unlink(missing_ok=True)
                 secs = timed([*argv, "-f", ifmt, "-O", ofmt, *extra, str(src[ifmt]), str(out)])
-                runs[case][tool].append(secs)
+                if rep >= 0:
+                    runs[case][tool].append(secs)
                 outs[tool] = out
+            if rep < 0:
+                continue
             cmp = subprocess.run(["qemu-img", "compare", "-f", ofmt, "-F", ofmt, str(outs["qemu-img"]),
                                   str(outs["aioblock"])], capture_output=True, text=True, check=False)
             if cmp.returncode != 0:
@@ -85,7 +99,8 @@ def main() -> int:
     table = ["| conversion | qemu-img s | aioblock s | qemu-img / aioblock |", "|---|---:|---:|---:|"]
     result: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                               "machine": machine_info(), "repeat": args.repeat,
-                              "settings": "1 GiB source, every other MiB allocated, page cache hot, defaults",
+                              "settings": "1 GiB source, every other MiB allocated, page cache hot, defaults; "
+                                          f"directory {d} ({fs_type(d)}); sync before each run; one warm-up",
                               "cases": {}}
     for case, per in runs.items():
         med = {t: statistics.median(v) for t, v in per.items()}

@@ -23,7 +23,7 @@ from ..sizes import parse_size
 from .common import parse_options
 
 CHUNK = 2 << 20
-_ZEROES = memoryview(bytes(64 << 10))
+_ZEROES = memoryview(bytes(CHUNK))
 
 
 def add_parser(sub: Any) -> None:
@@ -87,17 +87,17 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
 
     async def worker() -> None:
         nonlocal written
-        buf = memoryview(bytearray(chunk))      # reused: each job is written before the next is read
+        buf = bytearray(chunk)                  # reused: each job is written before the next is read
+        view = memoryview(buf)
         while (job := await queue.get()) is not None:
             seq, offset, length = job
-            data = buf[:length]
-            await src.readinto(offset, data)
+            await src.readinto(offset, view[:length])
             if in_order:
                 await my_turn(seq)
             if compress:
-                await _write_compressed(dst, offset, data)
+                await _write_compressed(dst, offset, buf, length)
             else:
-                await _write_sparse(dst, offset, data, sparse)
+                await _write_sparse(dst, offset, buf, length, sparse)
             if in_order:
                 async with turn:
                     written += 1
@@ -133,37 +133,63 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
     bar.close()
 
 
-def _is_zero(view: memoryview) -> bool:
-    n = len(view)
-    if n > len(_ZEROES):
-        return all(_is_zero(view[i:i + len(_ZEROES)]) for i in range(0, n, len(_ZEROES)))
-    return view == _ZEROES[:n]
+def _is_zero(buf: bytearray, pos: int, n: int) -> bool:
+    """Whether ``buf[pos:pos + n]`` holds only zero bytes (a memcmp per ``CHUNK``: ``startswith`` with a zero
+    view)."""
+    end = pos + n
+    while end - pos > CHUNK:
+        if not buf.startswith(_ZEROES, pos):
+            return False
+        pos += CHUNK
+    return buf.startswith(_ZEROES[:end - pos], pos)
 
 
-async def _write_sparse(dst: BlockBackend, offset: int, view: memoryview, sparse: int) -> None:
-    """Write the non-zero ``sparse``-aligned blocks of ``view`` (all of it when ``sparse`` is 0)."""
+def _data_runs(buf: bytearray, length: int, offset: int, block: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` positions in ``buf[:length]`` (which holds the image's bytes at ``offset``) of the
+    runs of ``block``-aligned blocks that are not all zero. One strided slice takes the first byte of every
+    block, so a block of data is usually ruled out without a comparison; only blocks that start with a zero
+    byte are compared."""
+    head = min(length, -offset % block)         # a partial block before the first aligned one
+    firsts = buf[head:length:block]
+    i = firsts.find(0)
+    if i < 0 and not (head and _is_zero(buf, 0, head)):
+        return [(0, length)]                    # the common case for data: no block starts with a zero byte
+    if not firsts.strip(b"\0") and _is_zero(buf, 0, length):
+        return []
+    starts = ([0] if head else []) + list(range(head, length, block))
+    zero = [False] * len(starts)
+    if head:
+        zero[0] = _is_zero(buf, 0, head)
+    while i >= 0:
+        k = i + bool(head)
+        zero[k] = _is_zero(buf, starts[k], min(block, length - starts[k]))
+        i = firsts.find(0, i + 1)
+    runs: list[tuple[int, int]] = []
+    for k, pos in enumerate(starts):
+        if zero[k]:
+            continue
+        end = starts[k + 1] if k + 1 < len(starts) else length
+        if runs and runs[-1][1] == pos:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((pos, end))
+    return runs
+
+
+async def _write_sparse(dst: BlockBackend, offset: int, buf: bytearray, length: int, sparse: int) -> None:
+    """Write the non-zero ``sparse``-aligned blocks of ``buf[:length]`` (all of it when ``sparse`` is 0)."""
+    view = memoryview(buf)
     if sparse <= 0:
-        await dst.write(offset, view)
+        await dst.write(offset, view[:length])
         return
-    end = offset + len(view)
-    run_start: int | None = None
-    pos = offset
-    while pos < end:
-        block_end = min((pos // sparse + 1) * sparse, end)
-        nonzero = not _is_zero(view[pos - offset:block_end - offset])
-        if nonzero and run_start is None:
-            run_start = pos
-        elif not nonzero and run_start is not None:
-            await dst.write(run_start, view[run_start - offset:pos - offset])
-            run_start = None
-        pos = block_end
-    if run_start is not None:
-        await dst.write(run_start, view[run_start - offset:])
+    for start, end in _data_runs(buf, length, offset, sparse):
+        await dst.write(offset + start, view[start:end])
 
 
-async def _write_compressed(dst: BlockBackend, offset: int, data: memoryview) -> None:
-    cluster = dst.cluster_size or len(data)
-    for pos in range(0, len(data), cluster):
-        piece = data[pos:pos + cluster]
-        if not _is_zero(piece):
-            await dst.write_compressed(offset + pos, piece)
+async def _write_compressed(dst: BlockBackend, offset: int, buf: bytearray, length: int) -> None:
+    cluster = dst.cluster_size or length
+    view = memoryview(buf)
+    for pos in range(0, length, cluster):
+        n = min(cluster, length - pos)
+        if not _is_zero(buf, pos, n):
+            await dst.write_compressed(offset + pos, view[pos:pos + n])

@@ -225,14 +225,20 @@ async def test_engine_statistics_count_inline_and_handed_on_requests(tmp_path: P
     path.write_bytes(bytes(1 << 20))
     async with aioblock.open(str(path), "raw") as disk:          # the default engine: hybrid over uring
         await asyncio.gather(*(disk.write(i * 4096, b"e" * 4096) for i in range(32)))
-        await disk.read(0, 256 << 10)                            # large: handed on to the ring
+        for _ in range(4):                                       # a lone large request: inline every time
+            before = disk.statistics().driver["file"]["engine"]["inline"]
+            assert await disk.read(0, 256 << 10) == b"e" * (128 << 10) + bytes(128 << 10)
+            assert disk.statistics().driver["file"]["engine"]["inline"] == before + 1
+        before = disk.statistics().driver["file"]["engine"]["handed_on"]
+        await asyncio.gather(*(disk.read(0, 256 << 10) for _ in range(4)))   # one inline, the others: ring
+        assert disk.statistics().driver["file"]["engine"]["handed_on"] >= before + 3
         assert await disk.read(4096, 4096) == b"e" * 4096         # cached: inline
         for _ in range(32):                                      # one task, 32 inline reads in a row
             await disk.read(0, 4096)
         await disk.flush()
         eng = disk.statistics().driver["file"]["engine"]
     assert eng["name"] == "hybrid" and eng["fallback"]["name"] == "uring"
-    assert eng["inline"] >= 33 and eng["handed_on"] >= 1          # (the writes may go to the ring: dirty pages)
+    assert eng["inline"] >= 37 and eng["handed_on"] >= 3          # (the writes may go to the ring: dirty pages)
     assert eng["yields"] >= 32 // 8 - 1                          # the engine yielded between them
     assert eng["fallback"]["sqes"] >= 2 and eng["fallback"]["submits"] >= 1
 
