@@ -49,7 +49,8 @@ def open(path: str, fmt: str | None = None, *, read_only: bool = False, engine: 
     """Open a disk image.
 
     ``fmt``: the format (probed from the content when None). ``engine``: "hybrid", "uring", "threads" or "sync"
-    (None: the default, see README "I/O engines"). ``cache``: "writeback" (page cache) or "none" (O_DIRECT).
+    (None: the default, see README "I/O engines"). ``cache``: "writeback" (page cache), "none" (O_DIRECT) or
+    "unsafe" (page cache; flushes do nothing).
     ``options``: format options (e.g. qcow2's ``l2-cache-size``) and the graph options ``backing`` ("open" |
     "ignore" | "deny") and ``inject`` (a fault injector, for tests).
 

@@ -7,7 +7,25 @@ from typing import Any
 
 from ..errors import InvalidOptionError
 
-__all__ = ["dump_json", "parse_options", "qdict_order"]
+__all__ = ["CACHE_MODES", "cache_mode", "dump_json", "parse_options", "qdict_order"]
+
+#: qemu's cache modes -> (aioblock.open's cache, write with FUA, the tool's own flushes are no-ops)
+CACHE_MODES = {
+    "writeback": ("writeback", False, False),
+    "none": ("none", False, False),
+    "off": ("none", False, False),
+    "writethrough": ("writeback", True, False),
+    "directsync": ("none", True, False),
+    "unsafe": ("unsafe", False, True),
+}
+
+
+def cache_mode(name: str) -> tuple[str, bool, bool]:
+    """A qemu cache mode (``-t``/``-T``) as ``CACHE_MODES`` maps it; qemu-img's message for others."""
+    try:
+        return CACHE_MODES[name]
+    except KeyError:
+        raise InvalidOptionError(f"Invalid cache option: {name}") from None
 
 
 def parse_options(specs: list[str] | None) -> dict[str, str]:

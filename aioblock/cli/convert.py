@@ -2,7 +2,9 @@
 
 Copies the source's contents into a new image. Like qemu-img, ranges the source reports as zero are skipped,
 and within data ranges every ``-S``-aligned block (default 4 KiB) that is all zeroes is left unwritten, so the
-target stays sparse; ``-S 0`` writes everything. ``-m`` requests run concurrently (default 8).
+target stays sparse; ``-S 0`` writes everything. ``-m`` requests run concurrently (default 8). The target is
+written with cache mode ``unsafe`` unless ``-t`` says otherwise, as qemu-img does: no flushes at all, so that
+the conversion never waits for the disk (``-t writeback`` flushes once at the end).
 ``-c`` writes compressed clusters (formats with compression only).
 """
 
@@ -20,7 +22,7 @@ from ..backend import BlockBackend
 from ..drivers import driver_class
 from ..errors import InvalidOptionError, NotSupportedError
 from ..sizes import parse_size
-from .common import parse_options
+from .common import cache_mode, parse_options
 
 CHUNK = 2 << 20
 _ZEROES = memoryview(bytes(CHUNK))
@@ -37,8 +39,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-S", dest="sparse", default="4k", help="minimum zero run left unallocated (default 4k)")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes (default: in order, as qemu-img)")
-    p.add_argument("-t", dest="cache", default="writeback", help="target cache mode (writeback|none)")
-    p.add_argument("-T", dest="src_cache", default="writeback", help="source cache mode (writeback|none)")
+    p.add_argument("-t", dest="cache", default="unsafe",
+                   help="target cache mode: unsafe (default, as qemu-img: no flushes), writeback, none, "
+                        "writethrough, directsync")
+    p.add_argument("-T", dest="src_cache", default="writeback",
+                   help="source cache mode (default writeback; none: O_DIRECT)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility; no effect")
     p.add_argument("filename")
@@ -51,26 +56,29 @@ async def run(args: argparse.Namespace) -> int:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 1024")
     sparse = parse_size(args.sparse)
     options = parse_options(args.options)
-    async with api.open(args.filename, args.fmt, read_only=True, cache=args.src_cache) as src:
+    cache, fua, _ = cache_mode(args.cache)
+    src_cache = cache_mode(args.src_cache)[0]
+    async with api.open(args.filename, args.fmt, read_only=True, cache=src_cache) as src:
         if args.compress and not driver_class(args.out_fmt).supports_compression:
             raise NotSupportedError("Compression not supported for this file format")
         await api.create(args.target, args.out_fmt, src.size, options=options)
-        async with api.open(args.target, args.out_fmt, cache=args.cache) as dst:
+        async with api.open(args.target, args.out_fmt, cache=cache) as dst:
             await convert(src, dst, parallel=args.parallel, sparse=sparse, compress=args.compress,
-                          in_order=not args.out_of_order, progress=args.progress and not args.quiet)
+                          in_order=not args.out_of_order, progress=args.progress and not args.quiet, fua=fua)
             if args.compress:
                 await dst.write_compressed(0, b"")     # end of the compressed stream (qemu-img sends it too)
-            await dst.flush()
+            await dst.flush()                          # (nothing with -t unsafe)
     return 0
 
 
 async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sparse: int = 4096,
-                  compress: bool = False, in_order: bool = True, progress: bool = False) -> None:
+                  compress: bool = False, in_order: bool = True, progress: bool = False, fua: bool = False) -> None:
     """Copy ``src`` into the freshly created (zero-reading) ``dst``.
 
     ``parallel`` jobs read at once; with ``in_order`` (qemu-img's default) each job writes only after the job
     before it has written, so that the target's clusters are allocated in guest order, as qemu-img lays them
-    out (compressed clusters packed one after the other, incompressible ones contiguous)."""
+    out (compressed clusters packed one after the other, incompressible ones contiguous). ``fua`` (cache modes
+    writethrough and directsync): each job is durable before the next one's turn."""
     chunk = CHUNK
     cluster = dst.cluster_size or 65536
     if compress:
@@ -96,8 +104,10 @@ async def convert(src: BlockBackend, dst: BlockBackend, *, parallel: int = 8, sp
                 await my_turn(seq)
             if compress:
                 await _write_compressed(dst, offset, buf, length)
+                if fua:
+                    await dst.flush()
             else:
-                await _write_sparse(dst, offset, buf, length, sparse)
+                await _write_sparse(dst, offset, buf, length, sparse, fua)
             if in_order:
                 async with turn:
                     written += 1
@@ -176,14 +186,15 @@ def _data_runs(buf: bytearray, length: int, offset: int, block: int) -> list[tup
     return runs
 
 
-async def _write_sparse(dst: BlockBackend, offset: int, buf: bytearray, length: int, sparse: int) -> None:
+async def _write_sparse(dst: BlockBackend, offset: int, buf: bytearray, length: int, sparse: int,
+                        fua: bool) -> None:
     """Write the non-zero ``sparse``-aligned blocks of ``buf[:length]`` (all of it when ``sparse`` is 0)."""
     view = memoryview(buf)
     if sparse <= 0:
-        await dst.write(offset, view[:length])
+        await dst.write(offset, view[:length], fua=fua)
         return
     for start, end in _data_runs(buf, length, offset, sparse):
-        await dst.write(offset + start, view[start:end])
+        await dst.write(offset + start, view[start:end], fua=fua)
 
 
 async def _write_compressed(dst: BlockBackend, offset: int, buf: bytearray, length: int) -> None:

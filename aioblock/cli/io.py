@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from .. import api
 from ..backend import BlockBackend
 from ..errors import AioblockError, InvalidOptionError, strerror
-from .common import parse_options
+from .common import CACHE_MODES, parse_options
 
 __all__ = ["add_parser", "cvtnum", "cvtstr", "run"]
 
@@ -48,15 +48,6 @@ MAX_REQUEST = 2147483136
 _QEMU_IO_BLOCKED = frozenset({signal.SIGBUS, signal.SIGUSR1, signal.SIGALRM, signal.SIGIO, signal.SIGPIPE})
 _NSIG = 65
 _DEFAULT_WRITE_PATTERN = 0xCD
-_CACHE_MODES = {
-    # qemu cache mode -> (aioblock cache, write with FUA, flushes are no-ops)
-    "writeback": ("writeback", False, False),
-    "none": ("none", False, False),
-    "off": ("none", False, False),
-    "writethrough": ("writeback", True, False),
-    "directsync": ("none", True, False),
-    "unsafe": ("writeback", False, True),
-}
 _AIO_MODES = {"threads": "threads", "io_uring": "uring"}
 
 
@@ -916,7 +907,7 @@ async def _open(session: Session, name: str, args: list[str]) -> bool:
             cache = "none"
         elif opt.letter == "t":
             assert opt.arg is not None
-            if opt.arg not in _CACHE_MODES:
+            if opt.arg not in CACHE_MODES:
                 raise session.fail(f"{PROG}: Invalid cache option: {opt.arg}", stderr=True)
             cache = opt.arg
         elif opt.letter == "o":
@@ -932,7 +923,7 @@ async def _open(session: Session, name: str, args: list[str]) -> bool:
         raise session.fail(f"{PROG}: file open already, try 'help close'", stderr=True)
     fmt = options.pop("driver", None)
     path = operands[0]
-    mode, fua, unsafe = _CACHE_MODES[cache]
+    mode, fua, unsafe = CACHE_MODES[cache]
     try:
         session.disk = await api.open(path, fmt, read_only=read_only, engine=session.engine, cache=mode,
                                       options=options or None)
@@ -1045,9 +1036,9 @@ async def run(args: argparse.Namespace) -> int:
         if args.aio not in _AIO_MODES:
             raise InvalidOptionError(f"Invalid aio option: {args.aio} (aioblock supports io_uring and threads)")
         engine = _AIO_MODES[args.aio]
-    if args.cache not in _CACHE_MODES:
+    if args.cache not in CACHE_MODES:
         raise InvalidOptionError(f"Invalid cache option: {args.cache}")
-    cache, fua, unsafe = _CACHE_MODES[args.cache]
+    cache, fua, unsafe = CACHE_MODES[args.cache]
     disk = None
     if args.filename is not None:
         disk = await api.open(args.filename, args.fmt, read_only=args.read_only, engine=engine, cache=cache)

@@ -52,7 +52,10 @@ from .uring import UringEngine, uring_available
 
 __all__ = ["CACHE_MODES", "FileNode", "available_engines", "make_engine"]
 
-CACHE_MODES = ("writeback", "none")
+#: ``writeback``: the page cache; ``none``: O_DIRECT; ``unsafe``: the page cache, and flushes (also close's)
+#: do nothing, as QEMU's cache=unsafe: for scratch images and conversions (qemu-img convert's default for its
+#: target), where a crash means starting again
+CACHE_MODES = ("writeback", "none", "unsafe")
 _BOUNCE_CHUNK = 1 << 20          # O_DIRECT bounce buffers are at most this large; bigger requests loop
 
 
@@ -94,9 +97,10 @@ class FileNode(BlockDriver):
     is_format: ClassVar[bool] = False
 
     def __init__(self, filename: str, fd: int, engine: Engine, *, read_only: bool, direct: bool,
-                 alignment: int, size: int, is_block_device: bool) -> None:
+                 alignment: int, size: int, is_block_device: bool, no_flush: bool = False) -> None:
         self.filename = filename
         self.read_only = read_only
+        self.no_flush = no_flush                # cache=unsafe: flush does nothing
         self.fd = fd
         self.engine = engine
         self.direct = direct
@@ -150,7 +154,7 @@ class FileNode(BlockDriver):
             os.close(fd)
             raise
         return cls(filename, fd, eng, read_only=read_only, direct=direct, alignment=alignment, size=size,
-                   is_block_device=is_blk)
+                   is_block_device=is_blk, no_flush=cache == "unsafe")
 
     @property
     def size(self) -> int:
@@ -376,8 +380,8 @@ class FileNode(BlockDriver):
         """fdatasync. A failure is sticky: once one fsync of this file failed, every later flush fails with the
         same error until the file is reopened. The kernel reports a writeback error once and may then drop
         the dirty pages that failed, so a later fsync that succeeds would claim data durable that is gone
-        (QEMU's file-posix does the same)."""
-        if self.read_only:
+        (QEMU's file-posix does the same). With cache=unsafe, nothing."""
+        if self.read_only or self.no_flush:
             return
         if self._fsync_error is not None:
             raise BlockIOError(self._fsync_error, f"{os.strerror(self._fsync_error)}: an earlier flush failed, "

@@ -110,6 +110,23 @@ def test_convert_agrees_with_qemu_img(layout_image: Path, tmp_path: Path, extra:
             qemu_img("map", "--output=json", str(theirs)).stdout.replace(str(theirs), "X")
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "writethrough", "none", "directsync"])
+def test_convert_target_cache_modes(layout_image: Path, tmp_path: Path, fmt: str, cache: str) -> None:
+    out = tmp_path / f"out.{fmt}"
+    res = aioblock_cli("convert", "-f", "raw", "-O", fmt, "-t", cache, "-T", "none", str(layout_image), str(out))
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("compare", "-f", "raw", "-F", fmt, str(layout_image), str(out)).returncode == 0
+    if fmt == "qcow2":
+        assert qemu_img("check", str(out)).returncode == 0
+
+
+def test_convert_bad_cache_mode(layout_image: Path, tmp_path: Path) -> None:
+    res = aioblock_cli("convert", "-t", "bogus", str(layout_image), str(tmp_path / "x.raw"))
+    assert res.returncode == 1 and res.stderr.strip().endswith("Invalid cache option: bogus")
+    assert not (tmp_path / "x.raw").exists()
+
+
 def test_convert_compressed_raw_is_refused(layout_image: Path, tmp_path: Path) -> None:
     res = aioblock_cli("convert", "-c", "-O", "raw", str(layout_image), str(tmp_path / "c.raw"))
     assert res.returncode == 1

@@ -563,3 +563,25 @@ async def test_a_failed_fsync_fails_every_later_flush_until_reopened(tmp_path: P
         await again.write(0, b"c" * 4096)
         await again.flush()
         assert await again.read(0, 4096) == b"c" * 4096
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_cache_unsafe_never_fsyncs(tmp_path: Path, fmt: str) -> None:
+    """cache=unsafe (QEMU's): no flush reaches the kernel, the driver's own and close's included; the data is
+    still written (through the page cache)."""
+    from aioblock.io.file import FileNode
+    from aioblock.testing.faults import FaultyEngine
+
+    path = tmp_path / f"u.{fmt}"
+    await aioblock.create(str(path), fmt, "4M")
+    disk = await aioblock.open(str(path), fmt, cache="unsafe")
+    node = disk.root.file
+    assert isinstance(node, FileNode)
+    node.engine = faulty = FaultyEngine(node.engine)
+    faulty.fail("fsync", errno.EIO)                 # any fsync would fail the flush, or close
+    await asyncio.gather(*(disk.write(i << 16, bytes([i + 1]) * 4096) for i in range(40)))
+    await disk.flush()
+    await disk.close()
+    assert faulty.calls["fsync"] == 0
+    async with aioblock.open(str(path), fmt) as again:
+        assert [await again.read(i << 16, 1) for i in range(40)] == [bytes([i + 1]) for i in range(40)]

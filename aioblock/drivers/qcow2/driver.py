@@ -358,13 +358,8 @@ class Qcow2Driver(BlockDriver):
             actual = await self.file.actual_size() or 0
             real = actual // st.cs
             threshold = max(real * 10 // 9, real + 2)
-            count = 0
             async with st.lock:
-                for c in range(-(-self.file.size // st.cs)):
-                    if await st.refcounts.get(c):
-                        count += 1
-                        if count >= threshold:
-                            break
+                count = await st.refcounts.count_referenced(-(-self.file.size // st.cs), threshold)
             st.prealloc = count >= threshold
         return st.prealloc
 

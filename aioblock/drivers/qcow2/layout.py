@@ -20,6 +20,7 @@ __all__ = [
     "Snapshot",
     "build_header_cluster",
     "compressed_descriptor",
+    "count_nonzero_refcounts",
     "encode_compressed",
     "get_refcount",
     "l2_entry_size",
@@ -479,6 +480,18 @@ def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:
         return (block[index // per_byte] >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
     width = 1 << (order - 3)
     return int.from_bytes(block[index * width:(index + 1) * width], "big")
+
+
+def count_nonzero_refcounts(block: bytes | bytearray, n: int, order: int) -> int:
+    """How many of the first ``n`` refcounts of a refcount block are not zero."""
+    if order < 3:
+        return sum(1 for i in range(n) if get_refcount(block, i, order))
+    width = 1 << (order - 3)
+    view = memoryview(block)[:n * width]
+    if order == 3:
+        return n - view.tobytes().count(0)
+    words = view.cast("H") if width == 2 else view.cast("I") if width == 4 else view.cast("Q")
+    return n - words.tolist().count(0)
 
 
 def set_refcount(block: bytearray, index: int, order: int, value: int) -> None:

@@ -39,6 +39,7 @@ from .layout import (
     MAX_REFTABLE_BYTES,
     REFT_OFFSET_MASK,
     Header,
+    count_nonzero_refcounts,
     get_refcount,
     set_refcount,
 )
@@ -127,6 +128,24 @@ class Refcounts:
             return get_refcount(s.data, cluster & self.rb_mask, self.order)
         finally:
             self.cache.put(s)
+
+    async def count_referenced(self, clusters: int, limit: int) -> int:
+        """How many of the clusters ``[0, clusters)`` have a nonzero refcount, counting until ``limit``: a
+        refcount block at a time, not a cluster at a time."""
+        per = 1 << self.rb_bits
+        count = 0
+        for ri in range(-(-clusters // per)):
+            rb = self.refblock_offset(ri)
+            if not rb:
+                continue
+            s = await self.cache.get(rb)
+            try:
+                count += count_nonzero_refcounts(s.data, min(per, clusters - ri * per), self.order)
+            finally:
+                self.cache.put(s)
+            if count >= limit:
+                break
+        return count
 
     # ---- updating ------------------------------------------------------------------------------------------
 
