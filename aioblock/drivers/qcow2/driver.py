@@ -281,9 +281,13 @@ class Qcow2Driver(BlockDriver):
         st = self.st
         st.check_usable(True)
         try:
-            pos, total = 0, len(buf)
-            while pos < total:
-                pos += await alloc.write(st, offset + pos, buf[pos:] if pos else buf)
+            host = alloc.in_place_host(st, offset, len(buf)) if st.fast_io else None
+            if host is not None:       # an overwrite within one mapped run of a cached slice
+                await alloc.write_in_place(st, host, buf)
+            else:
+                pos, total = 0, len(buf)
+                while pos < total:
+                    pos += await alloc.write(st, offset + pos, buf[pos:] if pos else buf)
             if fua:
                 await self._flush()
         except BlockIOError:

@@ -272,16 +272,18 @@ class MetaIO:
     async def read_into(self, offset: int, buf: memoryview) -> None:
         await self.file.pread(offset, buf)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, kind: str) -> None:
-        """Write ``data`` at ``offset`` after the overlap check against every metadata kind but ``kind``."""
+    def check(self, offset: int, length: int, kind: str) -> None:
+        """The overlap check of a write of ``kind`` (against every metadata kind but ``kind``): raises the
+        corruption error ``on_overlap`` makes. Never suspends."""
         try:
-            self.map.check(offset, len(data), kind)
+            self.map.check(offset, length, kind)
         except OverlapError as exc:
             raise self._on_overlap(exc) from None
-        await self._write_unchecked(offset, data)
 
-    async def _write_unchecked(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        await self.file.pwrite(offset, memoryview(data))
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, kind: str) -> None:
+        """Write ``data`` at ``offset`` after the overlap check (``check``)."""
+        self.check(offset, len(data), kind)
+        await self.file.pwrite(offset, data if isinstance(data, memoryview) else memoryview(data))
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range of a cluster being allocated (COW from nothing).
@@ -305,7 +307,7 @@ class MetaIO:
         pos = 0
         while pos < length:
             n = min(len(_ZEROES), length - pos)
-            await self._write_unchecked(offset + pos, memoryview(_ZEROES)[:n])
+            await self.file.pwrite(offset + pos, memoryview(_ZEROES)[:n])
             pos += n
 
     async def discard(self, offset: int, length: int) -> None:
