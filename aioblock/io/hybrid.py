@@ -24,12 +24,14 @@ plain syscall on cold data blocks the event loop for the whole disk access. So, 
   (doubling while they stay slow, up to ``HOLDOFF_MAX_S``).
   Memory filesystems always write inline.
 * Large requests (``uring.OFFLOAD_MIN`` bytes or more): their copy (~70 us per hot MiB) is worth running on
-  another core when several are in flight, and not worth a hand-off when one is. So **one large request per
-  loop iteration** runs inline (by the rules above); the others of that iteration go to the fallback, which
-  flags them for io-wq's workers (uring.py, ``offload``), and a task whose large request ran inline yields
-  once before its next one, so that a lone task keeps running inline (depth 1: 1 MiB reads 0.64x of qemu-img's
-  thread pool through the ring, ~1.2x inline) while at depth 8 the loop's core copies one request per
-  iteration and the workers copy the rest (0.65x when every large read ran inline on the loop's core).
+  other cores when several are in flight, and not worth a hand-off when one is. So a large request runs
+  inline (by the rules above) only in a **lone stream**: no other large request in progress, and none
+  started while another was in the last ``LARGE_CONCURRENT_S``; at most one per loop iteration, and a task
+  whose large request ran inline yields once before its next one. Otherwise it goes to the fallback, which
+  flags reads for io-wq's workers (uring.py, ``offload``). Depth 1: 1 MiB reads 0.60-0.76x of qemu-img's
+  thread pool through the ring, 1.5-1.7x inline (benchmarks/results/large-2026-12-03). Depth 32: inline for
+  the first request of each wave of completions delayed the submission of the other 31 behind its copy
+  (0.44-0.61x against 0.66-0.82x with all of them on the ring).
 * Large writes that do not run inline go to a thread pool (``large_writes``, the ``threads`` engine), not to
   io_uring: io-wq serves large buffered writes on ext4 far slower than a thread's ``pwritev`` (2 MiB writes at
   depth 8 into a new file: 1.74 s through the ring, 0.19 s in threads, 0.13 s for qemu-img's thread pool;
@@ -62,13 +64,15 @@ import errno as _errno
 import os
 import re
 import time
+from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 from .. import cancellation
 from .engine import Engine, ThreadsEngine, libc
 from .uring import OFFLOAD_MIN
 
-__all__ = ["DIRTY_NEAR", "DIRTY_REFRESH_MIN_S", "DIRTY_REFRESH_S", "HOLDOFF_MAX_S", "HOLDOFF_S", "SLOW_WRITE_NS",
+__all__ = ["DIRTY_NEAR", "DIRTY_REFRESH_MIN_S", "DIRTY_REFRESH_S", "HOLDOFF_MAX_S", "HOLDOFF_S", "LARGE_CONCURRENT_S",
+           "SLOW_WRITE_NS",
            "TICK_BUDGET_NS", "YIELD_EVERY", "HybridEngine", "dirty_headroom", "on_memory_fs"]
 
 #: an inline write slower than this (ns, plus 0.5 ns per byte for the copy) means the kernel blocked: later
@@ -90,6 +94,9 @@ DIRTY_NEAR = 0.75
 DIRTY_REFRESH_S = 0.02
 #: ... and at most this often when the engine's own writes used the headroom up (a reading costs ~60-90 us)
 DIRTY_REFRESH_MIN_S = 0.002
+#: a large request that starts while another is in progress marks them concurrent for this long (s): until
+#: then none runs inline (the module docstring)
+LARGE_CONCURRENT_S = 0.05
 
 _current_task = asyncio.current_task
 _perf_ns = time.perf_counter_ns
@@ -190,7 +197,8 @@ class HybridEngine(Engine):
         self._headroom = 0                     # bytes that may be dirtied inline before dirty_headroom() again
         self._dirty_checked = 0.0              # time.monotonic() of the last dirty_headroom()
         self._large_owner: object = None       # task whose large request ran inline in this loop iteration
-        self._large_handed_on = 0              # large requests in the fallback now
+        self._large_active = 0                 # large requests between their start and their end
+        self._large_concurrent_until = 0.0     # time.monotonic() before which large requests count as concurrent
 
     def _state(self, fd: int) -> _FileState:
         st = self._files.get(fd)
@@ -223,12 +231,13 @@ class HybridEngine(Engine):
         self._tick_deadline = 0
 
     async def _large_inline(self) -> bool:
-        """Before a large request: whether it runs inline (one per loop iteration; the module docstring). A task
-        whose large request already ran inline in this iteration yields first, then asks again."""
+        """Before a large request (counted in ``_large_active``): whether it runs inline (the module docstring).
+        A task whose large request already ran inline in this iteration yields first, then asks again."""
         task = _current_task()
         if self._large_owner is task:
             await self._yield()
-        if self._large_owner is not None or self._large_handed_on or self._over_budget():
+        if (self._large_owner is not None or self._large_active > 1 or self._over_budget()
+                or time.monotonic() < self._large_concurrent_until):
             return False
         self._large_owner = task
         self._loop.call_soon(self._next_large)
@@ -248,67 +257,91 @@ class HybridEngine(Engine):
 
     async def pread(self, fd: int, buf: memoryview, offset: int) -> int:
         st = self._files.get(fd) or self._state(fd)
-        mode = st.read_mode
-        small = buf.nbytes < OFFLOAD_MIN
-        if mode != _READ_FALLBACK and (small or await self._large_inline()):
-            if small and self._must_yield():
+        if buf.nbytes >= OFFLOAD_MIN:
+            return await self._large(self._pread_large(st, fd, buf, offset))
+        if st.read_mode != _READ_FALLBACK:
+            if self._must_yield():
                 await self._yield()
-            try:
-                n = os.preadv(fd, [buf], offset, _RWF_NOWAIT) if mode == _READ_NOWAIT else os.preadv(fd, [buf],
-                                                                                                       offset)
-            except BlockingIOError:
-                self._nowait_misses += 1
-                zeroes = _hole_read(fd, buf, offset)
-                if zeroes is not None:
-                    self._holes += 1
-                    self._run += 1
-                    return zeroes
-            except OSError as exc:
-                if exc.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL) or mode != _READ_NOWAIT:
-                    raise
-                st.read_mode = _READ_PLAIN if st.memory else _READ_FALLBACK     # no RWF_NOWAIT here
-                return await self.pread(fd, buf, offset)
-            else:
-                self._run += 1
-                self._inline += 1
+            n = self._read_now(st, fd, buf, offset)
+            if n is not None:
                 return n
         self._handed_on += 1
-        if small:
-            return await self.fallback.pread(fd, buf, offset)
-        self._large_handed_on += 1
+        return await self.fallback.pread(fd, buf, offset)
+
+    async def _pread_large(self, st: _FileState, fd: int, buf: memoryview, offset: int) -> int:
+        if st.read_mode != _READ_FALLBACK and await self._large_inline():
+            n = self._read_now(st, fd, buf, offset)
+            if n is not None:
+                return n
+        self._handed_on += 1
+        return await self.fallback.pread(fd, buf, offset)
+
+    def _read_now(self, st: _FileState, fd: int, buf: memoryview, offset: int) -> int | None:
+        """The inline read: bytes read, or None when the kernel would block (the caller hands it on)."""
+        mode = st.read_mode
         try:
-            return await self.fallback.pread(fd, buf, offset)
-        finally:
-            self._large_handed_on -= 1
+            n = os.preadv(fd, [buf], offset, _RWF_NOWAIT) if mode == _READ_NOWAIT else os.preadv(fd, [buf], offset)
+        except BlockingIOError:
+            self._nowait_misses += 1
+            zeroes = _hole_read(fd, buf, offset)
+            if zeroes is None:
+                return None
+            self._holes += 1
+            self._run += 1
+            return zeroes
+        except OSError as exc:
+            if exc.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL) or mode != _READ_NOWAIT:
+                raise
+            st.read_mode = _READ_PLAIN if st.memory else _READ_FALLBACK     # no RWF_NOWAIT here
+            return self._read_now(st, fd, buf, offset) if st.memory else None
+        self._run += 1
+        self._inline += 1
+        return n
 
     async def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
         st = self._files.get(fd) or self._state(fd)
-        small = buf.nbytes < OFFLOAD_MIN
-        if (st.memory or self._inline_write_ok(st, buf.nbytes)) and (small or await self._large_inline()):
-            if small and self._must_yield():
+        if buf.nbytes >= OFFLOAD_MIN:
+            return await self._large(self._pwrite_large(st, fd, buf, offset))
+        if st.memory or self._inline_write_ok(st, buf.nbytes):
+            if self._must_yield():
                 await self._yield()
-            if st.memory:                    # nothing to time: a memory file system never waits for a disk
-                n = os.pwritev(fd, [buf], offset)
-            else:
-                t0 = _perf_ns()
-                n = os.pwritev(fd, [buf], offset)
-                if _perf_ns() - t0 > SLOW_WRITE_NS + n // 2:        # (2 GB/s for the copy)
-                    self._slow_writes += 1
-                    st.ring_writes_until = time.monotonic() + st.holdoff
-                    st.holdoff = min(st.holdoff * 2, HOLDOFF_MAX_S)
-                elif st.holdoff != HOLDOFF_S:
-                    st.holdoff = HOLDOFF_S
-            self._run += 1
-            self._inline += 1
-            return n
+            return self._write_now(st, fd, buf, offset)
         self._handed_on += 1
-        if small:
-            return await self.fallback.pwrite(fd, buf, offset)
-        self._large_handed_on += 1
+        return await self.fallback.pwrite(fd, buf, offset)
+
+    async def _pwrite_large(self, st: _FileState, fd: int, buf: memoryview, offset: int) -> int:
+        if (st.memory or self._inline_write_ok(st, buf.nbytes)) and await self._large_inline():
+            return self._write_now(st, fd, buf, offset)
+        self._handed_on += 1
+        return await self.large_writes.pwrite(fd, buf, offset)
+
+    def _write_now(self, st: _FileState, fd: int, buf: memoryview, offset: int) -> int:
+        """The inline write, timed on disk file systems (a slow one holds later writes off: module docstring)."""
+        if st.memory:                    # nothing to time: a memory file system never waits for a disk
+            n = os.pwritev(fd, [buf], offset)
+        else:
+            t0 = _perf_ns()
+            n = os.pwritev(fd, [buf], offset)
+            if _perf_ns() - t0 > SLOW_WRITE_NS + n // 2:        # (2 GB/s for the copy)
+                self._slow_writes += 1
+                st.ring_writes_until = time.monotonic() + st.holdoff
+                st.holdoff = min(st.holdoff * 2, HOLDOFF_MAX_S)
+            elif st.holdoff != HOLDOFF_S:
+                st.holdoff = HOLDOFF_S
+        self._run += 1
+        self._inline += 1
+        return n
+
+    async def _large(self, request: Coroutine[Any, Any, int]) -> int:
+        """Run a large request, counted in ``_large_active`` meanwhile; one that starts while another is active
+        marks large requests concurrent for ``LARGE_CONCURRENT_S`` (``_large_inline``)."""
+        self._large_active += 1
+        if self._large_active > 1:
+            self._large_concurrent_until = time.monotonic() + LARGE_CONCURRENT_S
         try:
-            return await self.large_writes.pwrite(fd, buf, offset)
+            return await request
         finally:
-            self._large_handed_on -= 1
+            self._large_active -= 1
 
     def _inline_write_ok(self, st: _FileState, length: int) -> bool:
         """Whether a buffered write to a disk file system can run inline now (the module docstring)."""
