@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from .. import api
 from ..backend import BlockBackend
 from ..errors import AioblockError, InvalidOptionError, strerror
-from .common import CACHE_MODES, parse_options
+from .common import CACHE_MODES, cache_mode, parse_options
 
 __all__ = ["add_parser", "cvtnum", "cvtstr", "run"]
 
@@ -1036,9 +1036,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.aio not in _AIO_MODES:
             raise InvalidOptionError(f"Invalid aio option: {args.aio} (aioblock supports io_uring and threads)")
         engine = _AIO_MODES[args.aio]
-    if args.cache not in CACHE_MODES:
-        raise InvalidOptionError(f"Invalid cache option: {args.cache}")
-    cache, fua, unsafe = CACHE_MODES[args.cache]
+    cache, fua, unsafe = cache_mode(args.cache)
     disk = None
     if args.filename is not None:
         disk = await api.open(args.filename, args.fmt, read_only=args.read_only, engine=engine, cache=cache)

@@ -133,23 +133,13 @@ async def write_in_place(st: Qcow2State, host: int, view: memoryview) -> None:
     concurrent discard that frees them cannot have them reallocated (as metadata, say) under the write."""
     cb = st.cluster_bits
     first, last = host >> cb, (host + len(view) - 1) >> cb
+    st.metaio.check(host, len(view), DATA_KIND)
+    clusters = (first,) if first == last else range(first, last + 1)
     busy = st.busy_hosts
-    if first == last:                        # the common case, without a range (and one frame less)
-        st.metaio.check(host, len(view), DATA_KIND)
-        busy[first] = busy.get(first, 0) + 1
-        try:
-            await st.metaio.file.pwrite(host, view)
-        finally:
-            if (n := busy[first]) == 1:
-                del busy[first]
-            else:
-                busy[first] = n - 1
-        return
-    clusters = range(first, last + 1)
     for c in clusters:
         busy[c] = busy.get(c, 0) + 1
     try:
-        await st.metaio.write(host, view, DATA_KIND)
+        await st.metaio.file.pwrite(host, view)
     finally:
         for c in clusters:
             if busy[c] == 1:
