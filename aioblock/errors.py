@@ -16,7 +16,8 @@ Every error the library raises on purpose derives from :class:`AioblockError`::
     ├── BlockIOError                an I/O error from the layer below (carries the errno)
     │   └── InjectedFaultError      an error made on purpose by the fault-injection node
     │       └── SimulatedCrashError the fault-injection node "crashed": every later request fails too
-    └── ClosedError                 a request on a closed disk
+    ├── ClosedError                 a request on a closed disk
+    └── UblkError                   the kernel's ublk driver refused or is missing (carries the errno)
 
 Each error carries ``errno`` (what an NBD or ublk frontend reports for it) and ``exit_status`` (what the CLI
 exits with), and an optional ``filename`` that the CLI prints as ``aioblock: <filename>: <message>``.
@@ -42,6 +43,7 @@ __all__ = [
     "OutOfRangeError",
     "ReadOnlyError",
     "SimulatedCrashError",
+    "UblkError",
     "UnsupportedFeatureError",
 ]
 
@@ -150,6 +152,14 @@ class ClosedError(AioblockError):
     """A request on a disk or node that has been closed."""
 
     errno = _errno.ESHUTDOWN
+
+
+class UblkError(AioblockError):
+    """The ublk driver is missing, not permitted, or refused a control command; ``errno`` is the kernel's."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def strerror(exc: BaseException) -> str:
