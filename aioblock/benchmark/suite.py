@@ -73,7 +73,9 @@ CACHES = ("writeback", "none")
 LOCATIONS = ("disk", "tmpfs")
 LOOPS = ("uvloop", "asyncio")
 FILLS = ("random", "sparse")
-PEERS = ("qemu-img-threads", "qemu-img-io_uring", "fio-io_uring", "fio-psync")
+PEERS = ("qemu-img-threads", "qemu-img-io_uring", "fio-io_uring", "fio-psync", "ublk-fio")
+#: the peers of a suite whose [targets] names none (ublk-fio needs a ublk kernel and root: only when asked)
+DEFAULT_PEERS = PEERS[:4]
 #: qcow2 open options a workload may set (aioblock's and qemu-img's names)
 QCOW2_OPTIONS = ("l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval")
 DEFAULT_DURATION = 0.5
@@ -509,7 +511,8 @@ def _parse(data: Mapping[str, Any], path: str, quick: bool) -> Suite:
     repetitions = top.integer("repetitions", DEFAULT_REPETITIONS, high=1000)
     run_length = _run_length(top) or (None, DEFAULT_DURATION)
     tt = _Table(_subtable(data, "targets", "suite"), "[targets]", _TARGET_KEYS)
-    target_lists, all_targets = _targets(tt, {"engines": ["default"], "loops": ["uvloop"], "peers": list(PEERS)})
+    defaults = {"engines": ["default"], "loops": ["uvloop"], "peers": list(DEFAULT_PEERS)}
+    target_lists, all_targets = _targets(tt, defaults)
     matrix = _Table(_subtable(data, "matrix", "suite"), "[matrix]", _MATRIX_KEYS)
     if matrix.has("size"):
         matrix.size("size")

@@ -8,6 +8,8 @@ Every tool gets the same requests: COUNT requests of the cell's block size, the 
   sent to last completion), the latency percentiles and HDR histogram, the disk's statistics;
 * ``qemu-img-threads`` / ``qemu-img-io_uring``: ``qemu-img bench`` with its default aio (a thread pool) or
   ``-i io_uring``; ops/s from "Run completed in N.NNN seconds" (1 ms resolution); no latencies;
+* ``ublk-fio`` (any format): the image served by ``aioblock serve ublk`` and fio (io_uring, O_DIRECT) on the
+  device; needs a kernel with ublk and root (otherwise each of its runs fails with the reason, in one line);
 * ``fio-io_uring`` / ``fio-psync`` (raw images only): one fio job (``rw=read`` or ``write``, ``:SKIP`` for a
   stride, ``io_size`` = COUNT blocks, ``invalidate=0`` so that the page cache stays as it is); psync has no
   queue, so depth D runs D threads of synchronous requests (``numjobs=D``, grouped), each doing COUNT/D of
@@ -182,14 +184,18 @@ class FioTarget(Target):
         return cell.depth if self.ioengine == "psync" else 1
 
     def command(self, cell: Cell, image: str, requests: int, scratch: Path) -> list[str]:
+        return ["fio", f"--filename={image}", *self.options(cell, requests, scratch, direct=cell.cache == "none")]
+
+    def options(self, cell: Cell, requests: int, scratch: Path, *, direct: bool) -> list[str]:
+        """fio's options for the cell, all but the file name."""
         rw = "write" if cell.writes else "read"
         if cell.step != cell.block_size:
             rw += f":{cell.step - cell.block_size}"
         jobs = self.jobs(cell)
         per_job = -(-requests // jobs)
-        argv = ["fio", "--name=bench", f"--filename={image}", f"--rw={rw}", f"--bs={cell.block_size}",
+        argv = ["--name=bench", f"--rw={rw}", f"--bs={cell.block_size}",
                 f"--ioengine={self.ioengine}", f"--iodepth={cell.depth if jobs == 1 else 1}",
-                f"--direct={1 if cell.cache == 'none' else 0}", f"--size={cell.size}",
+                f"--direct={int(direct)}", f"--size={cell.size}",
                 f"--io_size={per_job * cell.block_size}", "--thread", "--invalidate=0", "--fallocate=none",
                 "--allow_file_create=0", "--lat_percentiles=1", "--percentile_list=50:90:99:99.9",
                 "--output-format=json", f"--output={scratch / 'fio.json'}"]
@@ -215,6 +221,25 @@ class FioTarget(Target):
         return _measurement(cell, child, total, runtime_ms / 1000, latency_us=latency)
 
 
+class UblkFioTarget(FioTarget):
+    """``ublk-fio``: the image served by ``aioblock serve ublk`` (one queue, the cell's depth and cache mode)
+    and fio (io_uring, O_DIRECT) on the block device; any format. The child is :mod:`.ublk_fio`; on a kernel
+    without ublk, or without root, every run fails with that one line and the rest of the suite goes on."""
+
+    def __init__(self) -> None:
+        super().__init__("io_uring")
+        self.name = "ublk-fio"
+
+    def applies(self, cell: Cell) -> bool:
+        return True
+
+    def command(self, cell: Cell, image: str, requests: int, scratch: Path) -> list[str]:
+        opts = ["-o", ",".join(f"{k}={v}" for k, v in cell.options)] if cell.options else []
+        return [sys.executable, "-m", "aioblock.benchmark.ublk_fio", "-f", cell.format, "-t", cell.cache,
+                "--depth", str(cell.depth), *opts, image, "--",
+                *self.options(cell, requests, scratch, direct=True)]
+
+
 def make_target(name: str) -> Target:
     """The target a suite names (``aioblock-ENGINE-LOOP`` or one of ``PEERS``)."""
     if name.startswith("aioblock-"):
@@ -222,5 +247,7 @@ def make_target(name: str) -> Target:
         return AioblockTarget(engine, loop)
     if name not in PEERS:
         raise ValueError(f"unknown target {name}")
+    if name == "ublk-fio":
+        return UblkFioTarget()
     tool, variant = name.rsplit("-", 1) if name.startswith("fio-") else ("qemu-img", name[len("qemu-img-"):])
     return FioTarget(variant) if tool == "fio" else QemuImgTarget(variant)

@@ -86,6 +86,7 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.wait([gone, signalled], return_when=asyncio.FIRST_COMPLETED)
             signalled.cancel()
             if gone.done():
+                gone.result()                   # a failed queue: its UblkError, after the device is deleted
                 print(f"aioblock: ublk device {dev.dev_id} was stopped from outside", file=sys.stderr)
             else:
                 gone.cancel()

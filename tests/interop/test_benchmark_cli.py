@@ -4,6 +4,7 @@ errors). Functional only: no timing is asserted."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,23 @@ def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> N
     assert proc.returncode == (2 if args[0] == "compare" else 1)
     assert proc.stderr.startswith("aioblock: ") and message in proc.stderr, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@needs_qemu
+def test_ublk_target_says_why_it_cannot_run(tmp_path: Path) -> None:
+    """Where the kernel has no ublk (or this is not root), every ublk-fio run fails with the reason in one line;
+    the other targets are measured and the run exits 1."""
+    if Path("/dev/ublk-control").exists() and os.geteuid() == 0:
+        pytest.skip("this kernel has ublk: tests/vm/test_ublk.py measures ublk-fio")
+    suite = tiny_suite(tmp_path)
+    suite.write_text(suite.read_text().replace('peers = ["qemu-img-threads"]', 'peers = ["ublk-fio"]'))
+    out = tmp_path / "run"
+    proc = aioblock_cli("benchmark", "run", "--suite", str(suite), "--out", str(out), "--no-progress", timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    records = json.loads((out / "results.json").read_text())["records"]
+    ublk = [r for r in records if r["target"] == "ublk-fio"]
+    assert len(ublk) == 2 and all(r["median_ops_per_s"] is None for r in ublk)
+    for record in ublk:
+        for failure in record["failures"]:
+            assert "ublk-fio: cannot run here: " in failure and "\n" not in failure, failure
+    assert all(r["median_ops_per_s"] for r in records if r["target"] != "ublk-fio")

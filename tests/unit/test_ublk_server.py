@@ -133,6 +133,26 @@ async def test_exception_and_cancellation_delete_the_device(tmp_path: Path, kern
         assert kernel.devices == {}
 
 
+async def test_a_failed_queue_thread_is_reported(tmp_path: Path, kernel: SimulatedKernel) -> None:
+    """A queue whose ring fails ends wait_stopped with a UblkError naming it; the device is still deleted."""
+    path = tmp_path / "a.raw"
+    await aioblock.create(str(path), "raw", MiB)
+    async with aioblock.open(str(path)) as disk:
+        with pytest.raises(UblkError, match=r"queue 1 failed: .*Bad file descriptor"):
+            async with ublk.serve(disk, kernel=kernel, queues=2) as dev:
+                sim = kernel.device(dev.dev_id)
+                queue = sim.queues[1]
+                assert queue is not None
+
+                def broken(handle: object, block: bool = True) -> None:
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+                queue.wait = broken  # type: ignore[method-assign]
+                queue.wake()
+                await asyncio.wait_for(dev.wait_stopped(), 10)
+        assert kernel.devices == {}
+
+
 async def test_several_devices_in_one_process(tmp_path: Path, kernel: SimulatedKernel) -> None:
     paths = [tmp_path / f"{i}.raw" for i in range(3)]
     for p in paths:

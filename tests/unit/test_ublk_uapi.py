@@ -14,6 +14,7 @@ from aioblock.frontends.ublk import uapi
     ("START_DEV", 0x06, 0xC0207506), ("STOP_DEV", 0x07, 0xC0207507), ("SET_PARAMS", 0x08, 0xC0207508),
     ("GET_PARAMS", 0x09, 0x80207509), ("START_USER_RECOVERY", 0x10, 0xC0207510),
     ("END_USER_RECOVERY", 0x11, 0xC0207511), ("GET_FEATURES", None, 0x80207513),
+    ("DEL_DEV_ASYNC", None, 0x80207514),
 ])
 def test_control_opcodes(name: str, legacy: int | None, encoded: int) -> None:
     assert uapi.ctrl_op(name, True) == encoded

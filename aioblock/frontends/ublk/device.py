@@ -105,7 +105,7 @@ class UblkDevice:
         self._queues: list[Queue] = []
         self._started = False
         self._added = False
-        self._stopped: asyncio.Future[list[None]] | None = None
+        self._stopped: asyncio.Future[Any] | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -189,7 +189,8 @@ class UblkDevice:
             self._queues.append(q)
             q.start()
         await asyncio.gather(*(q.ready for q in self._queues))
-        self._stopped = asyncio.ensure_future(asyncio.gather(*(q.stopped for q in self._queues)))
+        self._stopped = asyncio.ensure_future(asyncio.wait([q.stopped for q in self._queues],
+                                                           return_when=asyncio.FIRST_COMPLETED))
 
     async def _live(self, disk: BlockBackend) -> None:
         path = uapi.block_path(self.dev_id)
@@ -210,9 +211,15 @@ class UblkDevice:
         return UblkStatistics(self.dev_id, [q.statistics() for q in self._queues], self.disk.statistics())
 
     async def wait_stopped(self) -> None:
-        """Return when the device stops serving without us (deleted by someone else, or a queue failed)."""
+        """Return when a queue stops serving without us: the device was stopped or deleted by someone else.
+        Raises UblkError if a queue's thread failed instead (its ring, or a bug); leaving the ``serve`` block
+        then deletes the device as usual."""
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
+        for q in self._queues:
+            if q.failure is not None:
+                err = getattr(q.failure, "errno", None) or _errno.EIO
+                raise UblkError(err, f"ublk device {self.dev_id}: queue {q.q_id} failed: {q.failure}")
 
     # ---- stop -------------------------------------------------------------------------------------------------
 

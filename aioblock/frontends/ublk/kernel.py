@@ -208,6 +208,14 @@ class LinuxControl:
         self._check("STOP_DEV", dev_id, self._command("STOP_DEV", dev_id))
 
     def del_dev(self, dev_id: int) -> None:
+        """Delete the device. DEL_DEV waits until the last opener of /dev/ublkbN has closed it, so where the kernel
+        has DEL_DEV_ASYNC (6.9+) that is used instead: a program that holds the stopped device open (its I/O
+        fails) must not keep the server from exiting; the kernel frees the id once the device is closed."""
+        if self._encoding():
+            res = self._command("DEL_DEV_ASYNC", dev_id)
+            if res not in (-_errno.EOPNOTSUPP, -_errno.EINVAL, -_errno.ENOTTY):
+                self._check("DEL_DEV_ASYNC", dev_id, res)
+                return
         self._check("DEL_DEV", dev_id, self._command("DEL_DEV", dev_id))
 
     def start_user_recovery(self, dev_id: int) -> None:

@@ -86,6 +86,7 @@ class Queue:
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.stopped: asyncio.Future[None] = self._loop.create_future()
         self.error: int = 0                                 # first unexpected negative result of a command
+        self.failure: BaseException | None = None           # why the thread ended early (a failed ring, a bug)
         self._stats = QueueStatistics(q_id)
         self._op_counts = [0] * 6
         self._thread = threading.Thread(target=self._run, name=f"{name}-q{q_id}", daemon=True)
@@ -107,7 +108,8 @@ class Queue:
         try:
             self._serve_kernel(channel)
         except BaseException as exc:                       # a bug or a failed ring: end the queue, say why
-            _log.exception("ublk queue %d failed", self.q_id)
+            _log.debug("ublk queue %d failed", self.q_id, exc_info=True)
+            self.failure = exc
             loop.call_soon_threadsafe(_settle, self.ready, exc)
         finally:
             channel.close()

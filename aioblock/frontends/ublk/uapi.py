@@ -37,6 +37,7 @@ CTRL_OPS: dict[str, tuple[int | None, int]] = {
     "START_USER_RECOVERY": (0x10, _ioc(_IOWR, 0x10, CTRL_CMD_SIZE)),
     "END_USER_RECOVERY": (0x11, _ioc(_IOWR, 0x11, CTRL_CMD_SIZE)),
     "GET_FEATURES": (None, _ioc(_IOR, 0x13, CTRL_CMD_SIZE)),
+    "DEL_DEV_ASYNC": (None, _ioc(_IOR, 0x14, CTRL_CMD_SIZE)),     # 6.9+; _IOR although it acts
 }
 
 #: I/O commands on /dev/ublkcN: name -> (legacy, ioctl-encoded)
