@@ -60,6 +60,8 @@ for d in run tmp dev/shm; do mount -t tmpfs tmpfs /newroot/$d || die "cannot mou
 poweroff -f
 """
 _CACHE_KEY = hashlib.sha256(f"{_INIT}\0{MODULES}".encode()).hexdigest()[:12]
+_CHECKOUT = Path(__file__).resolve().parents[2]
+_GUEST_TMPFS = (Path("/tmp"), Path("/run"), Path("/dev/shm"))
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -124,7 +126,10 @@ class Guest:
         for name in variables:
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"not an environment variable name: {name!r}")
-        mounts = sorted((Path(os.path.abspath(share)) for share in shares), key=lambda p: len(p.parts))
+        # the guest mounts tmpfs over /tmp, /run and /dev/shm: a checkout there (CI clones into /tmp) is shared
+        if any(_CHECKOUT.is_relative_to(masked) for masked in _GUEST_TMPFS):
+            shares = [*shares, _CHECKOUT]
+        mounts = sorted({Path(os.path.abspath(share)) for share in shares}, key=lambda p: len(p.parts))
         for share in mounts:
             if not share.is_dir():
                 raise ValueError(f"share is not a directory: {share}")
