@@ -162,8 +162,8 @@ class Lock:
     request that has already committed waits for the lock without being interrupted. Use it with ``async with``
     only; it is not reentrant.
 
-    ``owner`` is the task holding it (a second holder is impossible by construction; ``__aenter__`` asserts
-    it)."""
+    ``owner`` is the task holding it, for diagnostics (None while it is held by a request's first step, which
+    a frontend may run outside a task: ublk's queue.py); ``locked`` asks the lock itself."""
 
     __slots__ = ("_acquired", "_lock", "_scope", "_token", "_wait_ns", "_waited", "_waiting", "owner")
 
@@ -180,14 +180,14 @@ class Lock:
     def locked(self) -> bool:
         """Whether a task holds the lock: a locked section is in progress (the lock-free fast paths of a
         driver run only when none is)."""
-        return self.owner is not None
+        return self._lock.locked()
 
     def statistics(self) -> LockStatistics:
         return LockStatistics(self._acquired, self._waited, self._wait_ns)
 
     async def __aenter__(self) -> None:
         lock = self._lock
-        contended = self.owner is not None or self._waiting > 0
+        contended = lock.locked() or self._waiting > 0
         t0 = time.perf_counter_ns() if contended else 0
         self._waiting += 1
         try:
@@ -208,7 +208,7 @@ class Lock:
         if contended:
             self._waited += 1
             self._wait_ns += time.perf_counter_ns() - t0
-        assert self.owner is None, "metadata lock held by two tasks"
+        assert self._scope is None, "metadata lock held twice"
         self.owner = _current_task()
         self._acquired += 1
         scope, token = enter()

@@ -210,8 +210,8 @@ class HybridEngine(Engine):
         """Before an inline request: whether the task has run ``YIELD_EVERY`` of them in a row (a task that
         suspended in between, e.g. waiting for an allocation, starts a new run) or the loop iteration's
         budget is spent."""
-        task = _current_task()
-        if task is not self._runner:
+        task = _current_task(self._loop)
+        if task is not self._runner or task is None:    # None: a request's first step, run outside a task
             self._runner = task
             self._run = 0
         return self._run >= YIELD_EVERY or self._over_budget()
@@ -233,7 +233,7 @@ class HybridEngine(Engine):
     async def _large_inline(self) -> bool:
         """Before a large request (counted in ``_large_active``): whether it runs inline (the module docstring).
         A task whose large request already ran inline in this iteration yields first, then asks again."""
-        task = _current_task()
+        task = _current_task(self._loop)
         if self._large_owner is task:
             await self._yield()
         if (self._large_owner is not None or self._large_active > 1 or self._over_budget()

@@ -165,8 +165,9 @@ class Ring:
 
     # ---- submission -----------------------------------------------------------------------------------------
 
-    def _next_sqe(self) -> int:
-        """Byte offset of the next free SQE in ``self.sqes``; submits first when the SQ is full."""
+    def next_sqe(self) -> int:
+        """Claim the next SQE: its byte offset in ``self.sqes``, for a caller that fills all of it (submits
+        first when the SQ is full)."""
         if (self._sq_tail - self._sq32[self._sq_head_i]) % (1 << 32) >= self.sq_entries:
             self.submit()
         idx = self._sq_tail & self._sq_mask
@@ -177,7 +178,7 @@ class Ring:
     def prep(self, opcode: int, fd: int, *, off: int = 0, addr: int = 0, length: int = 0, op_flags: int = 0,
              user_data: int = 0, flags: int = 0) -> int:
         """Fill the next SQE (and zero the rest of an SQE128); returns its byte offset in ``self.sqes``."""
-        pos = self._next_sqe()
+        pos = self.next_sqe()
         _SQE.pack_into(self.sqes, pos, opcode, flags, 0, fd, off, addr, length, op_flags, user_data,
                        0, 0, 0, 0, 0)
         if self.sqe_size == 128:

@@ -8,7 +8,8 @@ aborts every tag with -ENODEV; DEL_DEV waits until the char device is closed; th
 Queue commands must come from the thread that fetched the queue's tags (EINVAL otherwise).
 
 Requests come from :meth:`SimulatedDevice.submit` (any thread), which returns a ``concurrent.futures.Future``
-of ``(result, data)``. Used by the unit tests and by ``benchmarks/ublk_path.py``.
+of ``(result, data)``, or from :meth:`SimulatedDevice.send`, which calls a callback with them (cheaper, for
+the benchmark). Used by the unit tests and by ``benchmarks/ublk_path.py``.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class SimulatedKernel:
 
 
 class _Request:
-    __slots__ = ("data", "future", "nr_sectors", "op_flags", "start")
+    __slots__ = ("data", "finish", "nr_sectors", "op_flags", "start")
 
-    def __init__(self, op_flags: int, start: int, nr_sectors: int, data: bytes | None) -> None:
+    def __init__(self, op_flags: int, start: int, nr_sectors: int, data: bytes | None,
+                 finish: Callable[[tuple[int, bytes]], object]) -> None:
         self.op_flags, self.start, self.nr_sectors, self.data = op_flags, start, nr_sectors, data
-        self.future: Future[tuple[int, bytes]] = Future()
+        self.finish = finish
 
 
 class SimulatedDevice:
@@ -69,16 +71,23 @@ class SimulatedDevice:
     def submit(self, q_id: int, op: int, start: int, nr_sectors: int, data: bytes | None = None,
                flags: int = 0) -> Future[tuple[int, bytes]]:
         """Send a request to queue ``q_id``; the future gives (result, the data of a READ)."""
-        req = _Request(op | flags, start, nr_sectors, data)
+        future: Future[tuple[int, bytes]] = Future()
+        self.send(q_id, op, start, nr_sectors, data, flags, future.set_result)
+        return future
+
+    def send(self, q_id: int, op: int, start: int, nr_sectors: int, data: bytes | None, flags: int,
+             on_done: Callable[[tuple[int, bytes]], object]) -> None:
+        """``submit`` without a future: ``on_done((result, data))`` is called when the request completes (on
+        the queue's thread, or here if the device is not live)."""
+        req = _Request(op | flags, start, nr_sectors, data, on_done)
         with self.cond:
             q = self.queues[q_id]
             if self.info.state != uapi.S_DEV_LIVE or q is None:
-                req.future.set_result((-_errno.EIO, b""))
-                return req.future
+                on_done((-_errno.EIO, b""))
+                return
             self.requests += 1
             q.backlog.append(req)
             q.dispatch()
-        return req.future
 
 
 class SimulatedControl:
@@ -228,7 +237,7 @@ class SimulatedQueue:
         while self.fetched:
             self.cqes.append((self.fetched.popleft(), uapi.IO_RES_ABORT))
         for req in self.backlog:
-            req.future.set_result((-_errno.EIO, b""))
+            req.finish((-_errno.EIO, b""))
         self.backlog.clear()
         self.dev.cond.notify_all()
 
@@ -258,7 +267,7 @@ class SimulatedQueue:
                     data = b""
                     if req.op_flags & 0xFF == uapi.OP_READ and result > 0:
                         data = ctypes.string_at(addr, result)
-                    req.future.set_result((result, data))
+                    req.finish((result, data))
             else:
                 self.ever_fetched += 1
             if self.aborted:
@@ -288,7 +297,7 @@ class SimulatedQueue:
     def close(self) -> None:
         with self.dev.cond:
             for req in self.serving.values():
-                req.future.set_result((-_errno.EIO, b""))
+                req.finish((-_errno.EIO, b""))
             self.serving.clear()
             self.dev.queues[self.q_id] = None
             self.dev.cond.notify_all()

@@ -74,10 +74,16 @@ def test_params_without_discard_leave_the_type_out() -> None:
     assert raw[40:60] == bytes(20)
 
 
-def test_io_cmd_and_descriptor_layout() -> None:
-    raw = uapi.pack_io_cmd(1, 77, -5, 0xABCDEF000)
-    assert len(raw) == 16
-    assert struct.unpack("<HHiQ", raw) == (1, 77, -5, 0xABCDEF000)
+def test_io_command_sqe_and_descriptor_layout() -> None:
+    """The SQE as io_uring reads it (opcode at 0, fd at 4, cmd_op at 8, user_data at 32) with the 16-byte
+    ublksrv_io_cmd at 48 (q_id, tag, result, addr)."""
+    sqe = bytearray(64)
+    uapi.IO_CMD_SQE.pack_into(sqe, 0, 46, 0, 0, 9, 0xC0107521, 0, 0, 0, 0, 77, 0, 0, 0, 1, 77, -5, 0xABCDEF000)
+    assert sqe[0] == 46 and struct.unpack_from("<i", sqe, 4)[0] == 9
+    assert struct.unpack_from("<I", sqe, 8)[0] == 0xC0107521
+    assert struct.unpack_from("<Q", sqe, 32)[0] == 77
+    assert struct.unpack_from("<HHiQ", sqe, 48) == (1, 77, -5, 0xABCDEF000)
+    assert sqe[12:32] == bytes(20) and sqe[40:48] == bytes(8)
     desc = struct.pack("<IIQQ", uapi.OP_WRITE | uapi.IO_F_FUA, 8, 1234, 0)
     assert uapi.IO_DESC.size == 24
     assert uapi.IO_DESC.unpack(desc)[:3] == (uapi.OP_WRITE | uapi.IO_F_FUA, 8, 1234)

@@ -28,6 +28,8 @@ from . import uapi
 
 __all__ = ["ControlChannel", "DeviceChannel", "Kernel", "LinuxKernel", "QueueChannel"]
 
+_pack_cmd_sqe = uapi.IO_CMD_SQE.pack_into
+
 #: user_data of the queue ring's eventfd read (tags are below 4096)
 WAKE_USER_DATA = 1 << 32
 
@@ -301,10 +303,8 @@ class LinuxQueue:
 
     def _cmd(self, op: int, tag: int, result: int, addr: int) -> None:
         ring = self._ring
-        pos = ring.prep(OP_URING_CMD, self._fd, user_data=tag)
-        sqes = ring.sqes
-        sqes[pos + 8:pos + 12] = op.to_bytes(4, "little")
-        sqes[pos + 48:pos + 64] = uapi.pack_io_cmd(self.q_id, tag, result, addr)
+        _pack_cmd_sqe(ring.sqes, ring.next_sqe(), OP_URING_CMD, 0, 0, self._fd, op, 0, 0, 0, 0, tag, 0, 0, 0,
+                      self.q_id, tag, result, addr)
 
     def descriptor(self, tag: int) -> tuple[int, int, int]:
         op_flags, nr_sectors, start, _addr = self._unpack(self._descs, tag * uapi.IO_DESC_SIZE)

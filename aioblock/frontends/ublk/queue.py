@@ -4,7 +4,7 @@ The kernel binds a queue to the thread that fetched its tags: that thread must s
 wait for completions in ``io_uring_enter``. The BlockBackend belongs to one event loop. So each queue has a
 thread that does nothing but move requests between the two, in batches:
 
-    kernel ──CQEs──> queue thread ──call_soon_threadsafe(batch)──> loop: one task per request
+    kernel ──CQEs──> queue thread ──call_soon_threadsafe(batch)──> loop: each request started at once
     kernel <─COMMIT_AND_FETCH── queue thread <──eventfd wake (once per loop tick)── loop: results
 
 - Thread to loop: every ``wait`` returns all the completions the kernel had ready; their descriptors are read
@@ -12,13 +12,15 @@ thread that does nothing but move requests between the two, in batches:
 - Loop to thread: a finished request appends ``(tag, result)`` to a deque; the first one in a loop tick
   schedules one eventfd write at the end of the tick, which completes the thread's pending eventfd read; the
   thread then commits everything in the deque with one ``io_uring_enter``.
+- Requests: each one's coroutine runs its first step inside the batch's callback (:mod:`..eager`); a page-cache
+  hit completes there, and only a request that waits (for the disk, a lock, an allocation) becomes a task.
 - Buffers: one anonymous mapping of ``depth * max_io`` bytes per queue (page-aligned, touched only where
   used); tag ``t`` owns ``[t * max_io, (t + 1) * max_io)``. In the kernel's copy mode, the driver copies a
   WRITE's data into it before the fetch completes and a READ's data out of it when the commit arrives.
 
 Cost per request (one queue, hot raw image, the simulated kernel of :mod:`aioblock.testing.ublk`): see
 benchmarks/README.md, "ublk server path". The thread's share is a descriptor unpack and an SQE fill; the loop's
-is a task, the backend request and an append.
+is a coroutine, the backend request and an append.
 
 Lifetime: the thread runs until every tag has ended in the kernel (each tag's last command completed with
 -ENODEV, as STOP_DEV does to all of them) or until :meth:`Queue.abandon`; it then closes its channel (which
@@ -40,6 +42,7 @@ from typing import Any
 
 from ...backend import BlockBackend
 from ...errors import AioblockError
+from .. import eager
 from . import uapi
 from .kernel import DeviceChannel, QueueChannel
 
@@ -176,9 +179,9 @@ class Queue:
         s.requests += len(batch)
         if len(batch) > s.max_batch:
             s.max_batch = len(batch)
-        create_task, tasks = self._loop.create_task, self._tasks
+        loop, serve, tasks = self._loop, self._serve, self._tasks
         for tag, op_flags, nr_sectors, start in batch:
-            tasks[tag] = create_task(self._serve(tag, op_flags, nr_sectors, start))
+            tasks[tag] = eager.start(loop, serve(tag, op_flags, nr_sectors, start))
 
     async def _serve(self, tag: int, op_flags: int, nr_sectors: int, start: int) -> None:
         """Serve one request; its result (bytes done, or -errno) goes back to the thread. A failure fails this

@@ -138,7 +138,10 @@ def block_path(dev_id: int) -> str:
 
 _CTRL_CMD = struct.Struct("<IHHQQQ")          # dev_id, queue_id, len, addr, data[0], data[1]
 _DEV_INFO = struct.Struct("<HHHHIIiIQQII16x")  # 64 bytes
-_IO_CMD = struct.Struct("<HHiQ")              # q_id, tag, result, addr
+#: a whole 64-byte IORING_OP_URING_CMD SQE carrying a ``ublksrv_io_cmd``, packed in one call (the queue thread's
+#: hot path): opcode, flags, ioprio, fd, cmd_op, pad, addr, len, uring_cmd_flags, user_data, buf_index,
+#: personality, splice_fd_in, then the command at byte 48: q_id, tag, result, addr
+IO_CMD_SQE = struct.Struct("<BBHiIIQIIQHHiHHiQ")
 IO_DESC = struct.Struct("<IIQQ")              # op_flags, nr_sectors, start_sector, addr
 _PARAMS_HEAD = struct.Struct("<II")
 _BASIC = struct.Struct("<IBBBBIIQQ")          # 32 bytes
@@ -149,15 +152,6 @@ _DEVT = struct.Struct("<IIII")                # char major/minor, disk major/min
 def pack_ctrl_cmd(dev_id: int, queue_id: int = QUEUE_ID_NONE, length: int = 0, addr: int = 0,
                   data0: int = 0) -> bytes:
     return _CTRL_CMD.pack(dev_id, queue_id, length, addr, data0, 0)
-
-
-def pack_io_cmd(q_id: int, tag: int, result: int, addr: int) -> bytes:
-    return _IO_CMD.pack(q_id, tag, result, addr)
-
-
-def unpack_io_cmd(data: bytes) -> tuple[int, int, int, int]:
-    q_id, tag, result, addr = _IO_CMD.unpack_from(data)
-    return q_id, tag, result, addr
 
 
 @dataclass
