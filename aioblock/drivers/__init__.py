@@ -13,6 +13,7 @@ __all__ = ["FORMATS", "driver_class", "probe_format"]
 FORMATS: dict[str, str] = {
     "raw": "aioblock.drivers.raw:RawDriver",
     "qcow2": "aioblock.drivers.qcow2:Qcow2Driver",
+    "qed": "aioblock.drivers.qed:QedDriver",
 }
 
 #: Bytes of the image given to every driver's ``probe``.

@@ -62,9 +62,11 @@ async def test_lifecycle_and_every_operation(tmp_path: Path, kernel: SimulatedKe
     assert subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(path), str(path)]).returncode == 0
 
 
-async def test_qcow2_written_through_the_device_is_read_by_qemu(tmp_path: Path, kernel: SimulatedKernel) -> None:
-    path = tmp_path / "a.qcow2"
-    await aioblock.create(str(path), "qcow2", 8 * MiB)
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+async def test_image_written_through_the_device_is_read_by_qemu(tmp_path: Path, kernel: SimulatedKernel,
+                                                                fmt: str) -> None:
+    path = tmp_path / f"a.{fmt}"
+    await aioblock.create(str(path), fmt, 8 * MiB)
     async with aioblock.open(str(path)) as disk, ublk.serve(disk, kernel=kernel, depth=16) as dev:
         sim = kernel.device(dev.dev_id)
         assert sim.params is not None
@@ -76,7 +78,7 @@ async def test_qcow2_written_through_the_device_is_read_by_qemu(tmp_path: Path, 
     check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     for i in (0, 17, 39):
-        io = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P {i + 1} {i * 12288} 12288", str(path)],
+        io = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {i + 1} {i * 12288} 12288", str(path)],
                             capture_output=True, text=True)
         assert "Pattern verification failed" not in io.stdout and io.returncode == 0, io.stdout + io.stderr
 
