@@ -33,6 +33,9 @@ cancellations), so no waiter is ever left waiting for an allocation that is gone
 :meth:`AllocationQueue.try_start`, which never suspends, right after the lookup that found the units
 unallocated (so nothing can come between). Serial (QED): one allocation at a time; :meth:`AllocationQueue.start`
 waits its turn (FIFO, handed over by the previous owner's ``finish``), and the new owner then redoes its lookup.
+An allocation waiting for its turn already claims its units, so that a request on one of them waits for that
+allocation (``wait_for``) instead of queueing for a turn of its own: the 16 sequential 4 KiB writes into one new
+64 KiB cluster cost one turn, not 16.
 
 **Plugging**: ``async with queue.plugged():`` waits until no allocation is in flight and keeps new ones from
 starting until it exits (QED's need-check clear, snapshots, check); requests wanting to allocate meanwhile wait
@@ -184,7 +187,8 @@ class AllocationQueue:
 
     @property
     def units(self) -> dict[int, Allocation]:
-        """Claimed unit -> its allocation; read-only for callers (the one-unit check of a hot path)."""
+        """Claimed unit -> its allocation (in flight, or in serial mode also waiting for its turn); read-only
+        for callers (the one-unit check of a hot path)."""
         return self._units
 
     def blocker(self, first: int, end: int) -> Allocation | None:
@@ -239,13 +243,31 @@ class AllocationQueue:
         if self.try_start(alloc):
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        units = self._units
+        for u in range(alloc.first, alloc.end):
+            units.setdefault(u, alloc)
         try:
             await self._wait_in(self._starters, (fut, alloc), fut)
         except BaseException:
-            if alloc.state == _STARTED and self._units.get(alloc.first) is alloc:
+            if fut.done() and not fut.cancelled():
                 self.finish(alloc, linked=False)        # the turn was handed to us: pass it on
+            else:
+                self._withdraw(alloc)
             raise
         cancellation.commit()
+
+    def _withdraw(self, alloc: Allocation) -> None:
+        """A serial starter leaves before its turn: ABORTED, its claims dropped, its waiters woken (nothing was
+        registered, so nothing else changes)."""
+        alloc.state = _ABORTED
+        units = self._units
+        for u in range(alloc.first, alloc.end):
+            if units.get(u) is alloc:
+                del units[u]
+        waiters, alloc._waiters = alloc._waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(None)
 
     def _register(self, alloc: Allocation) -> None:
         units = self._units

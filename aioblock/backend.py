@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 from . import cancellation
 from .cancellation import CancelledError
 from .driver import BlockDriver, CheckResult
-from .errors import ClosedError, NotSupportedError, OutOfRangeError, ReadOnlyError
+from .drivers import QEMU_FORMAT_NAMES
+from .errors import AioblockError, ClosedError, InvalidOptionError, NotSupportedError, OutOfRangeError, ReadOnlyError
 from .node import close_graph, resolve_backing_name
 
 __all__ = ["BackendStatistics", "BlockBackend", "ImageInfo", "MapEntry", "OpStatistics"]
@@ -413,6 +414,39 @@ class BlockBackend:
             raise OutOfRangeError(f"invalid size {size}", filename=self.filename)
         await self.drain()
         await self.root.truncate(size)
+
+    def check_backing_file(self, name: str | None, fmt: str | None) -> str | None:
+        """Raise if ``change_backing_file(name, fmt)`` would be refused (without changing anything: ``rebase``
+        asks before it copies); returns the name as it would be stored (None for none)."""
+        if self._closing:
+            raise ClosedError("disk is closed", filename=self.filename)
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only", filename=self.filename)
+        name = name or None
+        if not self.root.supports_backing:
+            raise NotSupportedError(f"Could not change the backing file to '{name or ''}': format '{self.format}' "
+                                    "has no backing file", filename=self.filename)
+        if name is None:
+            return None
+        if fmt is None:
+            raise InvalidOptionError(f"Could not change the backing file to '{name}': backing format must be "
+                                     "specified", filename=self.filename)
+        if fmt not in QEMU_FORMAT_NAMES:
+            raise InvalidOptionError(f"Invalid format name: '{fmt}'", filename=self.filename)
+        try:
+            self.root.check_backing_file(name, fmt)
+        except AioblockError as exc:
+            raise exc.with_filename(self.filename) from None
+        return name
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Store a new backing file reference in the image (``name`` None or "": none), as ``qemu-img rebase
+        -u`` does: the data is not touched and the backing node opened with the disk stays attached until it is
+        closed. ``fmt`` is required with a name (QEMU 7.2 refuses to probe a backing file's format) and must be
+        a format name QEMU knows."""
+        name = self.check_backing_file(name, fmt)
+        await self.drain()
+        await self.root.change_backing_file(name, fmt if name is not None else None)
 
     async def info(self) -> ImageInfo:
         """qemu-img info's facts about this image and, in ``.backing``, its backing chain."""

@@ -205,6 +205,17 @@ class BlockDriver(abc.ABC):
         """Change the virtual size. The backend has drained the node first."""
         raise NotSupportedError(f"format '{self.format_name}' does not support resizing")
 
+    def check_backing_file(self, name: str, fmt: str) -> None:
+        """Raise if the image cannot store this backing file reference (name too long for the header...);
+        changes nothing. Formats with ``supports_backing`` override it."""
+        raise NotSupportedError(f"format '{self.format_name}' has no backing file")
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name and format the image stores (``name`` None: no backing file), durably
+        (synced). Only the stored reference changes: ``backing``, the opened node, stays as it was (``rebase``
+        copies what differs first). The backend has drained the node and checked the pair first."""
+        raise NotSupportedError(f"format '{self.format_name}' has no backing file")
+
     async def check(self, repair: str | None = None) -> CheckResult:
         """Check (and with ``repair`` = "leaks" / "all", repair) the image's consistency."""
         raise NotSupportedError("This image format does not support checks")

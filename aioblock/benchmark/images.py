@@ -1,10 +1,10 @@
 """The images a benchmark runs on, made with QEMU's tools (neutral ground for every target) and removed after.
 
 * ``random`` fill: every byte random data (fully allocated, nothing a file system or format can skip); qcow2
-  images are ``qemu-img convert`` of the raw one, so their clusters are allocated and in guest order;
-* ``sparse`` fill: one cluster of data per ``allocate_every`` bytes (qcow2: ``qemu-img create`` then one
+  and QED images are ``qemu-img convert`` of the raw one, so their clusters are allocated and in guest order;
+* ``sparse`` fill: one cluster of data per ``allocate_every`` bytes (qcow2, QED: ``qemu-img create`` then one
   ``qemu-io`` writing every cluster, so that every L2 table the range needs exists);
-* fresh images for allocating writes: an empty sparse raw file or a new ``qemu-img create`` qcow2, made
+* fresh images for allocating writes: an empty sparse raw file or a new ``qemu-img create`` image, made
   before each run and deleted after it.
 
 Shared images are read once after they are made, so that runs with cache=writeback start page-cache hot.
@@ -93,7 +93,7 @@ class ImageStore:
                     make_hot_file(path, spec.size)
                 else:
                     src = self.shared(ImageSpec("raw", spec.location, spec.size))
-                    _tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *_create_opts(spec), src, path])
+                    _tool(["qemu-img", "convert", "-f", "raw", "-O", spec.format, *_create_opts(spec), src, path])
                     warm(path)
             elif spec.fill == "sparse":
                 self._sparse(spec, path)
@@ -105,8 +105,7 @@ class ImageStore:
 
     def _sparse(self, spec: ImageSpec, path: str) -> None:
         assert spec.allocate_every is not None
-        cluster = parse_size(dict(spec.create_options).get("cluster_size", "64k")) if spec.format == "qcow2" \
-            else 64 * 1024
+        cluster = parse_size(dict(spec.create_options).get("cluster_size", "64k"))
         length = min(cluster, spec.allocate_every)
         offsets = range(0, spec.size, spec.allocate_every)
         if spec.format == "raw":
@@ -116,8 +115,8 @@ class ImageStore:
                 for off in offsets:
                     os.pwrite(f.fileno(), block, off)
             return
-        _tool(["qemu-img", "create", "-q", "-f", "qcow2", *_create_opts(spec), path, str(spec.size)])
-        argv = ["qemu-io", "-f", "qcow2"]
+        _tool(["qemu-img", "create", "-q", "-f", spec.format, *_create_opts(spec), path, str(spec.size)])
+        argv = ["qemu-io", "-f", spec.format]
         for off in offsets:
             argv += ["-c", f"write -q -P {_PATTERN} {off} {length}"]
         _tool([*argv, path])
@@ -130,7 +129,7 @@ class ImageStore:
             with open(path, "wb") as f:
                 f.truncate(spec.size)
         else:
-            _tool(["qemu-img", "create", "-q", "-f", "qcow2", *_create_opts(spec), str(path), str(spec.size)])
+            _tool(["qemu-img", "create", "-q", "-f", spec.format, *_create_opts(spec), str(path), str(spec.size)])
         return str(path)
 
     def cleanup(self) -> None:

@@ -86,7 +86,7 @@ def estimate_seconds(suite: Suite) -> float:
         if spec.fill == "sparse" and spec.allocate_every:    # one small write per allocated cluster
             total += 1 + spec.size // spec.allocate_every * 0.002
         else:                                                 # write, (convert,) read once
-            total += spec.size / (1 << 30) * (5.0 if spec.format == "qcow2" else 2.5)
+            total += spec.size / (1 << 30) * (5.0 if spec.format != "raw" else 2.5)
     for c in suite.cells:
         for t in c.targets:
             # a fresh image per allocating run; deleting the last one (dirty pages) is slow on a real disk

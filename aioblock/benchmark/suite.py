@@ -12,7 +12,7 @@ A suite names workloads, the matrix they are crossed with, the aioblock targets 
     peers = ["qemu-img-threads", "qemu-img-io_uring", "fio-io_uring", "fio-psync"]
 
     [matrix]                      # crossed with every workload, unless the workload sets the key itself
-    formats = ["raw", "qcow2"]
+    formats = ["raw", "qcow2"]    # raw, qcow2, qed
     block_sizes = ["4k"]
     depths = [1, 32]
     caches = ["writeback"]        # writeback | none (O_DIRECT)
@@ -68,7 +68,7 @@ __all__ = [
 
 KINDS = ("read", "overwrite", "alloc")
 PATTERNS = ("sequential", "strided")
-FORMATS = ("raw", "qcow2")
+FORMATS = ("raw", "qcow2", "qed")
 CACHES = ("writeback", "none")
 LOCATIONS = ("disk", "tmpfs")
 LOOPS = ("uvloop", "asyncio")
@@ -118,7 +118,7 @@ class ImageSpec:
     """The image a read or overwrite cell runs on (cells with equal specs share one file).
 
     ``fill``: "random" (every byte random data: fully allocated, nothing a file system or format could skip)
-    or "sparse" (a qcow2/raw image with one allocated cluster per ``allocate_every`` bytes)."""
+    or "sparse" (an image with one allocated cluster per ``allocate_every`` bytes)."""
 
     format: str
     location: str
@@ -425,8 +425,8 @@ def _workload(t: _Table, matrix: _Table, target_lists: Mapping[str, list[str]]) 
     if options and axes["formats"] != ["qcow2"]:
         raise t.error("options", "are qcow2 open options: set formats = [\"qcow2\"] for this workload")
     create_options = t.str_table("create_options")
-    if create_options and "qcow2" not in axes["formats"]:
-        raise t.error("create_options", "apply to qcow2 images only")
+    if create_options and axes["formats"] == ["raw"]:
+        raise t.error("create_options", "apply to qcow2 and qed images (raw has none)")
     fill = t.string("fill", "random", choices=FILLS)
     allocate_every: int | None = None
     if kind == "alloc" and (t.has("fill") or t.has("allocate_every")):
@@ -607,7 +607,7 @@ def _cells(w: _Workload, default_length: tuple[int | None, float | None]) -> Ite
                         yield Cell(workload=w.name, family=w.family, kind=w.kind, pattern=w.pattern, format=fmt,
                                    block_size=bs, step=w.step or bs, depth=depth, cache=cache, location=loc,
                                    size=w.size, targets=targets, requests=requests, duration=duration,
-                                   options=w.options, create_options=w.create_options if fmt == "qcow2" else (),
+                                   options=w.options, create_options=w.create_options if fmt != "raw" else (),
                                    fill=w.fill, allocate_every=w.allocate_every)
 
 

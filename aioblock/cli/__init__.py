@@ -17,7 +17,8 @@ from ..errors import AioblockError
 
 __all__ = ["build_parser", "main", "run_coroutine"]
 
-_COMMANDS = ("info", "create", "check", "compare", "convert", "map", "io", "bench", "benchmark", "serve")
+_COMMANDS = ("info", "create", "check", "compare", "convert", "rebase", "map", "io", "bench", "benchmark",
+             "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import importlib
 from ..driver import BlockDriver
 from ..errors import InvalidOptionError
 
-__all__ = ["FORMATS", "driver_class", "probe_format"]
+__all__ = ["FORMATS", "QEMU_FORMAT_NAMES", "driver_class", "probe_format"]
 
 #: format name -> "module:Class"; imported on first use so that opening a raw image loads nothing else.
 FORMATS: dict[str, str] = {
@@ -15,6 +15,16 @@ FORMATS: dict[str, str] = {
     "qcow2": "aioblock.drivers.qcow2:Qcow2Driver",
     "qed": "aioblock.drivers.qed:QedDriver",
 }
+
+#: The format names QEMU 7.2's qemu-img accepts for a backing file (-F; its BlockdevDriver enumeration as built
+#: by Debian), whether aioblock opens them or not. "copy-before-write" is left out: qcow2 keeps the name in a
+#: header extension that must be shorter than 16 bytes, and QEMU writes it but then cannot open the image.
+QEMU_FORMAT_NAMES = frozenset({
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-on-read",
+    "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd",
+    "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "raw",
+    "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+})
 
 #: Bytes of the image given to every driver's ``probe``.
 PROBE_BYTES = 4096

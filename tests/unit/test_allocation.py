@@ -216,6 +216,34 @@ async def test_serial_turn_handed_to_a_cancelled_starter_is_passed_on() -> None:
     assert q.in_flight == 0
 
 
+async def test_serial_starters_claim_their_units_while_they_wait() -> None:
+    """A request on a unit whose allocation waits for its turn waits for that allocation, not for a turn of
+    its own; a starter cancelled before its turn drops its claim and wakes those waiting for it."""
+    q = AllocationQueue(serial=True)
+    owner = Allocation(0, 1)
+    await q.start(owner)
+    a, b = Allocation(5, 1), Allocation(6, 1)
+    ta = asyncio.create_task(q.start(a))
+    tb = asyncio.create_task(q.start(b))
+    await ticks(1)
+    assert q.units[5] is a and q.units[6] is b and q.in_flight == 1
+    behind_a = asyncio.create_task(q.wait_for(a))
+    behind_b = asyncio.create_task(q.wait_for(b))
+    await ticks(1)
+    tb.cancel()                                    # b leaves before its turn
+    with pytest.raises(asyncio.CancelledError):
+        await tb
+    await behind_b
+    assert b.state is AllocState.ABORTED and 6 not in q.units and q.in_flight == 1
+    link(q, owner)                                 # the turn goes to a
+    await ta
+    assert q.in_flight == 1 and not behind_a.done()
+    link(q, a)
+    await behind_a
+    assert q.in_flight == 0 and not q.units
+    assert q.statistics().started == 2             # owner and a: b never started
+
+
 async def test_start_is_for_serial_queues() -> None:
     with pytest.raises(RuntimeError):
         await AllocationQueue().start(Allocation(0, 1))

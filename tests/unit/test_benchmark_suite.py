@@ -227,7 +227,7 @@ def test_default_suite_covers_the_brief() -> None:
     assert {("read", 4096, 4096), ("read", 4096, 65536), ("overwrite", 4096, 4096), ("alloc", 4096, 4096),
             ("alloc", 4096, 65536), ("read", 65536, 65536), ("read", 1 << 20, 1 << 20)} <= kinds
     assert {c.depth for c in s.cells} == {1, 8, 32, 128}
-    assert {c.format for c in s.cells} == {"raw", "qcow2"}
+    assert {c.format for c in s.cells} == {"raw", "qcow2", "qed"}
     assert {c.cache for c in s.cells} == {"writeback", "none"}
     assert {c.location for c in s.cells} == {"disk", "tmpfs"}
 

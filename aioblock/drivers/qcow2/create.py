@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from ...driver import BlockDriver
 from ...errors import ImageTooLargeError, InvalidOptionError, NotSupportedError
 from ...sizes import parse_size
+from .. import QEMU_FORMAT_NAMES
 from .layout import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
@@ -68,7 +69,7 @@ from .layout import (
     size_to_l1,
 )
 
-__all__ = ["BACKING_FORMATS", "CREATE_OPTIONS", "CreateOptions", "ImagePlan", "create_image", "parse_create_options",
+__all__ = ["CREATE_OPTIONS", "CreateOptions", "ImagePlan", "create_image", "parse_create_options",
            "plan_image"]
 
 #: The ``-o`` options ``create_image`` understands (``backing_file``/``backing_fmt`` may also come as arguments).
@@ -80,14 +81,6 @@ _PREALLOC = ("off", "metadata", "falloc", "full")
 _COMPRESSION = {"zlib": COMPRESSION_ZLIB, "zstd": COMPRESSION_ZSTD}
 _BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False, "n": False}
 
-#: Backing formats QEMU 7.2's qemu-img accepts (its BlockdevDriver enumeration as built by Debian). A name of
-#: 16 bytes or more ("copy-before-write") is left out: QEMU writes it but then cannot open the image.
-BACKING_FORMATS = frozenset({
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-on-read",
-    "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd",
-    "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "raw",
-    "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
-})
 _MAX_BACKING_FMT = 15                      # the header extension must be shorter than 16 bytes to be readable
 
 #: QEMU's generic limit on a node's length (INT64_MAX aligned down to 1 GiB).
@@ -197,7 +190,7 @@ def parse_create_options(size: int, backing: str | None, backing_fmt: str | None
     if compat not in _COMPAT:
         raise _err(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT[compat]
-    if backing_fmt is not None and (backing_fmt not in BACKING_FORMATS or len(backing_fmt) > _MAX_BACKING_FMT):
+    if backing_fmt is not None and (backing_fmt not in QEMU_FORMAT_NAMES or len(backing_fmt) > _MAX_BACKING_FMT):
         raise _err(f"Parameter 'backing-fmt' does not accept value '{backing_fmt}'")
     prealloc = options.get("preallocation", "off")
     if prealloc not in _PREALLOC:

@@ -17,6 +17,7 @@ synced) before the first L2 update that skips the refcount ordering and is clear
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from collections.abc import Mapping
@@ -322,6 +323,31 @@ class Qcow2Driver(BlockDriver):
 
     async def truncate(self, size: int) -> None:
         await resize.truncate(self.st, size)
+
+    def check_backing_file(self, name: str, fmt: str) -> None:
+        """Names over 1023 bytes (QEMU's limit), or too long for what the header cluster holds besides."""
+        if len(name.encode("utf-8", "surrogateescape")) > L.MAX_BACKING_NAME:
+            raise InvalidOptionError(f"backing file name too long (qcow2 allows {L.MAX_BACKING_NAME} bytes)")
+        L.build_header_cluster(dataclasses.replace(self.st.header, backing_file=name, backing_format=fmt))
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """The header cluster rewritten whole (zero-padded: no stale bytes of a longer old name) and synced."""
+        st = self.st
+        st.check_usable(True)
+        h = st.header
+        async with st.lock:
+            old = h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size
+            h.backing_file, h.backing_format = name, fmt
+            try:
+                if h.version == 3:
+                    h.header_length = L.V3_HEADER_WRITE_LENGTH
+                data = L.build_header_cluster(h)
+                await st.metaio.write(0, data + bytes(h.cluster_size - len(data)), HEADER)
+                await st.metaio.sync()
+            except BaseException:
+                h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size = old
+                raise
+        self.backing_filename, self.backing_format = name, fmt
 
     async def check(self, repair: str | None = None) -> CheckResult:
         return await check_image(self.st, repair)

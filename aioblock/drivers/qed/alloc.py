@@ -62,14 +62,23 @@ ALLOC_MAX = 16 << 20
 async def write(drv: QedDriver, offset: int, buf: memoryview) -> None:
     """A guest write of ``buf`` at ``offset``."""
     pos, total = 0, len(buf)
+    claims = drv.allocs.units
     while pos < total:
         view = buf[pos:] if pos else buf
-        kind, host, n = await drv.lookup(offset + pos, total - pos)
+        at = offset + pos
+        if claims and (blocker := claims.get(at >> drv.cb)) is not None:
+            await drv.allocs.wait_for(blocker)   # its cluster is being allocated: wait, then look it up
+        host = drv.mapped(at, total - pos)
+        if host is not None:                   # the rest is one run of data clusters: in place
+            drv.file.event("write_aio")
+            await drv.file.pwrite(host, view)
+            return
+        kind, host, n = await drv.lookup(at, total - pos)
         if kind == DATA:
             drv.file.event("write_aio")
             await drv.file.pwrite(host, view[:n] if n != len(view) else view)
         else:
-            n = await _allocating_write(drv, offset + pos, view, zero=False)
+            n = await _allocating_write(drv, at, view, zero=False)
         pos += n
 
 
@@ -109,22 +118,32 @@ async def _zero_in_place(drv: QedDriver, host: int, n: int) -> None:
 async def _allocating_write(drv: QedDriver, offset: int, buf: memoryview, *, zero: bool,
                             length: int | None = None) -> int:
     """Allocate (or, with ``zero``, mark as zero clusters) the run at ``offset`` and write ``buf``'s part of it;
-    returns the bytes of the request it covered. Waits for its turn first."""
+    returns the bytes of the request it covered, or 0 when it waited for the allocation of its first cluster by
+    another request (the caller then looks it up again). Waits for its turn first."""
     cs = drv.cs
     want = length if zero and length is not None else len(buf)
-    alloc = Allocation(offset >> drv.cb, 1)
+    unit = offset >> drv.cb
+    blocker = drv.allocs.units.get(unit)
+    if blocker is not None:
+        await drv.allocs.wait_for(blocker)
+        return 0
+    alloc = Allocation(unit, 1)
     await drv.allocs.start(alloc)
     linked = False
     try:
         kind, host, n = await drv.lookup(offset, want)
-        if kind == DATA:                       # the allocation before ours mapped it: write in place
+        if kind == DATA or (zero and kind == ZERO):
+            # the allocation before ours mapped it: give the turn back at once, then write in place like any
+            # write to an allocated cluster (so that the requests queued behind one allocation do not write
+            # one after the other)
+            drv.allocs.finish(alloc, linked=False)
+            if kind == ZERO:
+                return n
             if zero:
                 await _zero_in_place(drv, host, n)
             else:
                 drv.file.event("write_aio")
                 await drv.file.pwrite(host, buf[:n])
-            return n
-        if zero and kind == ZERO:
             return n
         n = min(n, max(cs, ALLOC_MAX))
         first = offset & ~(cs - 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import errno
 import logging
 import struct
@@ -260,6 +261,19 @@ class QedDriver(BlockDriver):
                 self.l2cache.put(s)
         return s.data, l2i & (SLICE // 8 - 1)
 
+    def mapped(self, offset: int, length: int) -> int | None:
+        """The host offset of ``[offset, offset + length)`` when it is one run of data clusters in a cached
+        slice (the hot path: no await, no lock), else None (then ``lookup``). Raises EIO for an invalid entry."""
+        l1e = self.l1[offset >> self.l1_shift]
+        if not l1e or not self.table_ok(l1e):
+            return None
+        l2i = (offset >> self.cb) & ((1 << self.entries_bits) - 1)
+        s = self.l2cache.peek(l1e + ((l2i * 8) & ~(SLICE - 1)))
+        if s is None:
+            return None
+        kind, host, n = self.scan(s.data, l2i & (SLICE // 8 - 1), offset & (self.cs - 1), length)
+        return host if kind == DATA and n == length else None
+
     async def lookup(self, offset: int, length: int) -> tuple[int, int, int]:
         """(kind, host offset of ``offset`` for DATA, bytes) of the run of clusters at ``offset`` that read
         alike: unallocated, zero, or data at consecutive host offsets. The run stays in one slice of one L2
@@ -321,6 +335,10 @@ class QedDriver(BlockDriver):
     # ---- requests -----------------------------------------------------------------------------------------
 
     async def pread(self, offset: int, buf: memoryview) -> None:
+        host = self.mapped(offset, len(buf))
+        if host is not None:
+            await self.file.pread(host, buf)
+            return
         pos, total = 0, len(buf)
         while pos < total:
             kind, host, n = await self.lookup(offset + pos, total - pos)
@@ -390,6 +408,29 @@ class QedDriver(BlockDriver):
             except BaseException:
                 self.h.image_size = old
                 raise
+
+    def check_backing_file(self, name: str, fmt: str) -> None:
+        L.set_backing(dataclasses.replace(self.h), name, fmt == "raw")
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """QED stores no format name: a raw backing file gets the no-probe flag, others are probed on open.
+        The header is rewritten through the end of the old name (zeroed where the new one is shorter)."""
+        if self.read_only:
+            raise ReadOnlyError("Block node is read-only")
+        h = self.h
+        async with self.lock:                  # the need-check timer rewrites the header under it too
+            old = (h.features, h.backing_filename_offset, h.backing_filename_size, h.backing_filename)
+            old_end = h.backing_filename_offset + h.backing_filename_size if h.features & L.F_BACKING_FILE else 0
+            L.set_backing(h, name, fmt == "raw")
+            try:
+                data = L.build_header(h)
+                self.file.event("header_update")
+                await self.file.pwrite(0, memoryview(data + bytes(max(0, old_end - len(data)))))
+                await self.sync()
+            except BaseException:
+                h.features, h.backing_filename_offset, h.backing_filename_size, h.backing_filename = old
+                raise
+        self.backing_filename, self.backing_format = name, h.backing_format
 
     async def check(self, repair: str | None = None) -> CheckResult:
         return await check_image(self, repair)

@@ -225,6 +225,26 @@ def create_layout(cluster_size: int, table_size: int, size: int, backing: str | 
     return h
 
 
+def set_backing(h: Header, name: str | None, raw: bool) -> None:
+    """Point ``h`` at a new backing file (``name`` None: none; ``raw``: the no-probe flag) as QEMU lays it out:
+    the name at byte 64, inside the header clusters; clearing keeps the old offset with size 0. Names QEMU could
+    not read back (over 4095 bytes; QEMU 7.2 writes them and then cannot open the image) are refused."""
+    if name is None:
+        h.features &= ~(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
+        h.backing_filename_size, h.backing_filename = 0, None
+        return
+    size = len(name.encode())
+    if size > MAX_BACKING_NAME:
+        raise InvalidOptionError(f"backing file name too long (QED allows {MAX_BACKING_NAME} bytes)")
+    if not size:
+        raise InvalidOptionError("empty backing file name")
+    if HEADER_BYTES + size > h.header_bytes:
+        raise InvalidOptionError("No space left in the file header")
+    features = h.features | F_BACKING_FILE
+    h.features = features | F_BACKING_FORMAT_NO_PROBE if raw else features & ~F_BACKING_FORMAT_NO_PROBE
+    h.backing_filename_offset, h.backing_filename_size, h.backing_filename = HEADER_BYTES, size, name
+
+
 def load_table(data: bytes | bytearray | memoryview) -> array[int]:
     """A table's entries (little-endian u64) as an array of ints."""
     table = array("Q")
