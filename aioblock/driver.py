@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Self
 
 from .errors import NotSupportedError, ReadOnlyError
 
-__all__ = ["BlockDriver", "CheckResult", "Extent", "Limits", "RepairMode"]
+__all__ = ["BlockDriver", "CheckResult", "Extent", "Limits", "RepairMode", "read_backing"]
 
 #: Largest single request a node accepts unless it says otherwise (QEMU: BDRV_REQUEST_MAX_BYTES, ~2 GiB).
 MAX_REQUEST = (1 << 31) - (1 << 16)
@@ -298,3 +298,15 @@ class BlockDriver(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.format_name} {self.filename!r}>"
+
+
+async def read_backing(backing: BlockDriver | None, offset: int, view: memoryview) -> None:
+    """A format node's backing file's bytes at ``offset``: zeroes past its end, or without one."""
+    n = len(view)
+    if backing is None or offset >= backing.size:
+        view[:] = bytes(n)
+        return
+    m = min(n, backing.size - offset)
+    await backing.pread(offset, view[:m])
+    if m < n:
+        view[m:] = bytes(n - m)

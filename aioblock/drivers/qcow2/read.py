@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 
+from ...driver import read_backing
 from ...errors import BlockIOError
 from . import layout as L
 from .compress import CompressedDataError, decompress_cluster
@@ -41,7 +42,7 @@ async def read(st: Qcow2State, offset: int, buf: memoryview) -> None:
         elif kind == ZERO:
             view[:] = bytes(n)
         elif kind == UNALLOC:
-            await read_backing(st, offset + pos, view)
+            await read_backing(st.backing, offset + pos, view)
         else:
             assert kind == COMPRESSED
             data = await decompress(st, host)
@@ -49,18 +50,6 @@ async def read(st: Qcow2State, offset: int, buf: memoryview) -> None:
             view[:] = data[within:within + n]
         pos += n
 
-
-async def read_backing(st: Qcow2State, offset: int, view: memoryview) -> None:
-    """The backing file's bytes (zeroes past its end, or without one)."""
-    b = st.backing
-    n = len(view)
-    if b is None or offset >= b.size:
-        view[:] = bytes(n)
-        return
-    m = min(n, b.size - offset)
-    await b.pread(offset, view[:m])
-    if m < n:
-        view[m:] = bytes(n - m)
 
 
 async def decompress(st: Qcow2State, entry: int) -> bytes:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Self
 from ... import cancellation
 from ...allocation import AllocationQueue
 from ...cache import Flusher, SliceCache
-from ...driver import BlockDriver, CheckResult, Extent, Limits
+from ...driver import BlockDriver, CheckResult, Extent, Limits, read_backing
 from ...errors import BlockIOError, CorruptImageError, InvalidOptionError, NotSupportedError, ReadOnlyError
 from ...sizes import parse_size
 from . import layout as L
@@ -353,16 +353,7 @@ class QedDriver(BlockDriver):
             pos += n
 
     async def read_backing(self, offset: int, view: memoryview) -> None:
-        """The backing file's bytes (zeroes past its end, or without one)."""
-        b = self.backing
-        n = len(view)
-        if b is None or offset >= b.size:
-            view[:] = bytes(n)
-            return
-        m = min(n, b.size - offset)
-        await b.pread(offset, view[:m])
-        if m < n:
-            view[m:] = bytes(n - m)
+        await read_backing(self.backing, offset, view)
 
     async def pwrite(self, offset: int, buf: memoryview, *, fua: bool = False) -> None:
         if self.read_only:
